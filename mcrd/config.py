@@ -1,0 +1,266 @@
+"""The rule file and the daemon's settings.
+
+Turns the text of `/etc/mcr.toml` into validated `RuleSpec`s, or into a list of
+errors that each name the file, the line, the rule and the field. Nothing is
+applied here: the caller commits a file only when it loaded without errors.
+Depends on `mcrd.rules` only; no sockets, no processes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mcrd.rules import RuleSpec, check_rule_set, rule_label
+
+DEFAULT_CONFIG = Path("/etc/mcr.toml")
+DEFAULT_CONTROL_SOCKET = Path("/run/mcr/control.sock")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class DaemonOptions(BaseModel):
+    """The `[daemon]` table. Every key can also come from MCRD_<KEY> or a flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    log_level: LogLevel = "info"
+
+
+class DaemonSettings(DaemonOptions, BaseSettings):
+    """Effective settings: command line, then environment, then `[daemon]`, then defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="MCRD_", extra="forbid")
+
+    @classmethod
+    def resolve(cls, cli: dict[str, Any], table: DaemonOptions) -> DaemonSettings:
+        file_values = table.model_dump(exclude_unset=True)
+
+        class _Resolved(cls):  # type: ignore[valid-type,misc]
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+        resolved = _Resolved(**{k: v for k, v in cli.items() if v is not None})
+        return cls.model_validate(resolved.model_dump())
+
+
+class RuleFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    daemon: DaemonOptions = DaemonOptions()
+    rule: list[RuleSpec] = []
+
+
+@dataclass
+class LoadedConfig:
+    path: Path
+    rules: list[RuleSpec] = field(default_factory=list)
+    daemon: DaemonOptions = field(default_factory=DaemonOptions)
+    missing: bool = False
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.path = path
+        self.errors = errors
+
+
+def load_config(path: Path, *, missing_ok: bool = False) -> LoadedConfig:
+    """Read, parse and validate a rule file. Raises ConfigError with every problem found."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return LoadedConfig(path, missing=True)
+        raise ConfigError(path, [f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, [f"{path}:{line}: not valid UTF-8"]) from None
+    return parse_config(text, path)
+
+
+_TOML_POS = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+
+
+def parse_config(text: str, path: Path) -> LoadedConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = _TOML_POS.match(str(exc))
+        where = f"{path}:{m['line']}:{m['col']}" if m else str(path)
+        raise ConfigError(path, [f"{where}: invalid TOML: {m['msg'] if m else exc}"]) from None
+    lines = _LineFinder(text)
+    try:
+        parsed = RuleFile.model_validate(data)
+    except ValidationError as exc:
+        errors = [_format_error(path, lines, data, err) for err in exc.errors()]
+        raise ConfigError(path, errors) from None
+    problems = check_rule_set(parsed.rule)
+    if problems:
+        raise ConfigError(
+            path,
+            [f"{path}:{lines.rule(i)}: {rule_label(i, parsed.rule[i].name)}: {msg}" for i, msg in problems],
+        )
+    return LoadedConfig(path, parsed.rule, parsed.daemon)
+
+
+class _LineFinder:
+    """Best-effort line numbers: tomllib does not report where a value stood."""
+
+    _RULE = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.rule_starts = [n for n, line in enumerate(self.lines) if self._RULE.match(line)]
+
+    def rule(self, index: int, key: str | None = None) -> int:
+        if index >= len(self.rule_starts):
+            return 1
+        start = self.rule_starts[index]
+        end = self.rule_starts[index + 1] if index + 1 < len(self.rule_starts) else len(self.lines)
+        if key is not None:
+            found = self._find_key(key, start, end)
+            if found is not None:
+                return found + 1
+        return start + 1
+
+    def top(self, table: str | None, key: str | None) -> int:
+        start, end = 0, len(self.lines)
+        if table is not None:
+            header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+            for n, line in enumerate(self.lines):
+                if header.match(line):
+                    start = n
+                    break
+            else:
+                return 1
+            if key is None:
+                return start + 1
+        if key is None:
+            return 1
+        found = self._find_key(key, start, end)
+        return (found if found is not None else start) + 1
+
+    def _find_key(self, key: str, start: int, end: int) -> int | None:
+        pattern = re.compile(rf"^\s*(\[+\s*rule\.)?{re.escape(key)}\s*(=|\])")
+        for n in range(start, end):
+            if pattern.match(self.lines[n]):
+                return n
+        return None
+
+
+_KEYS: dict[str, list[str]] = {
+    "top": list(RuleFile.model_fields),
+    "daemon": list(DaemonOptions.model_fields),
+    "rule": list(RuleSpec.model_fields),
+    "input": ["interface", "group", "port", "source"],
+    "output": ["interface", "group", "port", "ttl"],
+}
+
+_TOML_TYPES = {
+    str: "a string",
+    int: "an integer",
+    float: "a float",
+    bool: "a boolean",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _toml_type(value: Any) -> str:
+    return _TOML_TYPES.get(type(value), type(value).__name__)
+
+
+def _context(loc: tuple[int | str, ...]) -> str:
+    if len(loc) == 1:
+        return "top"
+    if loc[0] == "daemon":
+        return "daemon"
+    if len(loc) == 3:
+        return "rule"
+    if len(loc) == 4 and loc[2] == "input":
+        return "input"
+    return "output"
+
+
+def _describe(err: Any, loc: tuple[int | str, ...]) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "missing":
+        return "missing required key"
+    if kind == "extra_forbidden":
+        allowed = _KEYS[_context(loc)]
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        suffix = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(allowed)})"
+        return f"unknown key{suffix}"
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    if kind == "too_short" and loc[-1] == "outputs":
+        return "needs at least one output"
+    if kind in ("string_type", "int_type", "bool_type", "float_type"):
+        want = {
+            "string_type": "a string",
+            "int_type": "an integer",
+            "bool_type": "a boolean",
+            "float_type": "a number",
+        }
+        return f"must be {want[kind]}, got {_toml_type(value)} {value!r}"
+    if kind in ("list_type",):
+        if loc == ("rule",):
+            return "must be an array of tables: write [[rule]], not [rule]"
+        return f"must be an array, got {_toml_type(value)}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a table, got {_toml_type(value)} {value!r}"
+    if kind == "literal_error":
+        return f"must be one of {err['ctx']['expected']}, got {value!r}"
+    return str(err["msg"])
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_error(path: Path, lines: _LineFinder, data: dict[str, Any], err: Any) -> str:
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    # pydantic appends the name of an Annotated validator's function for unions; drop those.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    message = _describe(err, loc)
+    if len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
+        index = loc[1]
+        rules = data.get("rule")
+        name = None
+        if isinstance(rules, list) and index < len(rules) and isinstance(rules[index], dict):
+            raw_name = rules[index].get("name")
+            name = raw_name if isinstance(raw_name, str) else None
+        key = str(loc[2]) if len(loc) > 2 else None
+        field_path = _format_loc(loc[2:])
+        prefix = f"{path}:{lines.rule(index, key)}: {rule_label(index, name)}"
+        return f"{prefix}: {field_path}: {message}" if field_path else f"{prefix}: {message}"
+    if loc and loc[0] == "daemon" and len(loc) > 1:
+        return f"{path}:{lines.top('daemon', str(loc[1]))}: [daemon] {_format_loc(loc[1:])}: {message}"
+    key = str(loc[0]) if loc else None
+    return f"{path}:{lines.top(None, key)}: {_format_loc(loc) or 'file'}: {message}"

@@ -1,0 +1,151 @@
+"""Opening the sockets the data path uses. Thin I/O adapter, no policy.
+
+The supervisor calls these (they need CAP_NET_RAW for AF_PACKET and
+SO_BINDTODEVICE) and hands the file descriptors to workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+
+from mcrd.packet import drop_all_filter
+
+ETH_P_IP = 0x0800
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+PACKET_IGNORE_OUTGOING = 23
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+MCAST_JOIN_GROUP = 42
+MCAST_JOIN_SOURCE_GROUP = 46
+IP_FREEBIND = 15
+
+RECEIVE_BUFFER = 8 << 20
+SEND_BUFFER = 4 << 20
+
+
+def ifindex(name: str) -> int:
+    """The interface's index; OSError(ENODEV) when there is no such interface."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface named {name!r}") from None
+
+
+def _attach(sock: socket.socket, program: bytes) -> None:
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; };
+    # the kernel copies the program during the call, so a local buffer will do.
+    holder = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(holder))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def _force_buffer(sock: socket.socket, force_opt: int, plain_opt: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, plain_opt, size)
+
+
+def open_packet_socket(interface: str, program: bytes) -> socket.socket:
+    """An AF_PACKET receive socket on one interface, filtered in the kernel.
+
+    Created with protocol 0 so that it receives nothing until the filter is
+    attached and it is bound: no foreign frame slips in between.
+    """
+    index = ifindex(interface)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+    try:
+        _attach(sock, program)
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        _force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind((interface, ETH_P_IP))
+        if ifindex(interface) != index:
+            raise OSError(errno.ENODEV, f"interface {interface!r} was replaced while opening it")
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _sockaddr_in(addr: str) -> bytes:
+    # struct sockaddr_storage holding a sockaddr_in
+    return struct.pack("=H2s4s", socket.AF_INET, b"\0\0", socket.inet_aton(addr)).ljust(128, b"\0")
+
+
+def join_group(interface: str, group: str, source: str | None) -> socket.socket:
+    """A socket that only holds an IGMP membership on `interface`.
+
+    It is never bound, so the kernel queues nothing on it; closing it leaves
+    the group. MCAST_JOIN_* take the interface by index, which stays right
+    when several interfaces share an address.
+    """
+    index = ifindex(interface)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if source is None:
+            req = struct.pack("=I4x", index) + _sockaddr_in(group)
+            sock.setsockopt(socket.IPPROTO_IP, MCAST_JOIN_GROUP, req)
+        else:
+            req = struct.pack("=I4x", index) + _sockaddr_in(group) + _sockaddr_in(source)
+            sock.setsockopt(socket.IPPROTO_IP, MCAST_JOIN_SOURCE_GROUP, req)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_sink(address: str, port: int) -> socket.socket | None:
+    """Hold a unicast input's port so the host does not answer the sender
+    with ICMP port-unreachable for every datagram mcrd relays. The socket
+    accepts nothing (drop-all filter). None when the address is not local or
+    another program already owns the port (it then gets the datagrams)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        _attach(sock, drop_all_filter())
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            return None
+        raise
+    return sock
+
+
+def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
+    """A UDP socket that sends out of `interface` with `ttl`.
+
+    Bound to the device so the kernel routes, resolves neighbours and
+    fragments on that interface only. Non-blocking: a full queue is a counted
+    send error for that output, never a stall for the others. Nothing is ever
+    received on it (drop-all filter).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        _attach(sock, drop_all_filter())
+        if interface is not None:
+            index = ifindex(interface)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        # The relay's own output is for other hosts: looping it back to local
+        # sockets would cost a copy per packet and could feed a local rule.
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        _force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def packet_statistics(sock: socket.socket) -> tuple[int, int]:
+    """(received, dropped) since the last call; the kernel resets them on read."""
+    packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    return packets, drops

@@ -1,0 +1,278 @@
+"""Relay rules: the data model and every check that does not need the host.
+
+Pure core: values in, values (or error strings) out. No sockets, no files, no
+processes, so it is tested table-driven without privileges. The file loader
+(`mcrd.config`) turns TOML into these models; the supervisor keys running
+state by `RuleSpec.key`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated, NamedTuple
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+
+#: TTL used when an output does not set one. Multicast stays on the output's
+#: own segment unless the operator says otherwise (the kernel's own default);
+#: unicast gets the usual host default.
+DEFAULT_MULTICAST_TTL = 1
+DEFAULT_UNICAST_TTL = 64
+
+
+def check_ifname(value: str) -> str:
+    if not IFNAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid interface name {value!r}: 1-15 letters, digits, '-', '_' or '.', "
+            "not starting with '-' or '.'"
+        )
+    return value
+
+
+def _parse_ipv4(value: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid IPv4 address") from None
+
+
+def check_input_group(value: str) -> str:
+    addr = _parse_ipv4(value)
+    if addr.is_unspecified:
+        raise ValueError(f"{value} cannot be an input address")
+    if addr.is_loopback:
+        raise ValueError(f"{value} is a loopback address: nothing arrives on an interface for it")
+    return str(addr)
+
+
+def check_output_group(value: str) -> str:
+    addr = _parse_ipv4(value)
+    if addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{value} cannot be an output destination")
+    if addr.is_loopback:
+        raise ValueError(f"{value} is a loopback address: it never leaves the host")
+    return str(addr)
+
+
+def check_source(value: str) -> str:
+    addr = _parse_ipv4(value)
+    if addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{value} cannot be a sender address: it must be a unicast address")
+    return str(addr)
+
+
+def check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be from 1 to 65535, got {value}")
+    return value
+
+
+def check_ttl(value: int) -> int:
+    if not 1 <= value <= 255:
+        raise ValueError(f"must be from 1 to 255, got {value}")
+    return value
+
+
+def check_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value) > 64:
+        raise ValueError(f"must be at most 64 characters, got {len(value)}")
+    if any(not ch.isprintable() for ch in value):
+        raise ValueError("must contain printable characters only")
+    return value
+
+
+IfName = Annotated[str, AfterValidator(check_ifname)]
+Port = Annotated[int, AfterValidator(check_port)]
+Ttl = Annotated[int, AfterValidator(check_ttl)]
+
+
+def is_multicast(addr: str) -> bool:
+    return ipaddress.IPv4Address(addr).is_multicast
+
+
+class _Strict(BaseModel):
+    # strict: TOML is typed, so "5000" for a port is a mistake, not a port;
+    # forbid: a misspelt key must be an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputSpec(_Strict):
+    interface: IfName
+    group: Annotated[str, AfterValidator(check_input_group)]
+    port: Port
+    source: Annotated[str, AfterValidator(check_source)] | None = None
+
+
+class OutputSpec(_Strict):
+    group: Annotated[str, AfterValidator(check_output_group)]
+    port: Port | None = None
+    interface: IfName | None = None
+    ttl: Ttl | None = None
+
+
+class RuleKey(NamedTuple):
+    """A rule's identity: its input. Two rules may never share one."""
+
+    interface: str
+    group: str
+    port: int
+    source: str | None
+
+    def __str__(self) -> str:
+        src = f" from {self.source}" if self.source else ""
+        return f"{self.interface} {self.group}:{self.port}{src}"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """An output with every default filled in: what the data path sends to."""
+
+    group: str
+    port: int
+    interface: str | None
+    ttl: int
+
+    def __str__(self) -> str:
+        via = f" on {self.interface}" if self.interface else ""
+        return f"{self.group}:{self.port}{via} ttl {self.ttl}"
+
+
+class RuleSpec(_Strict):
+    name: Annotated[str, AfterValidator(check_name)] | None = None
+    input: InputSpec
+    outputs: list[OutputSpec] = Field(min_length=1)
+
+    @property
+    def key(self) -> RuleKey:
+        i = self.input
+        return RuleKey(i.interface, i.group, i.port, i.source)
+
+    def destinations(self) -> list[Destination]:
+        result = []
+        for out in self.outputs:
+            multicast = is_multicast(out.group)
+            default_ttl = DEFAULT_MULTICAST_TTL if multicast else DEFAULT_UNICAST_TTL
+            result.append(
+                Destination(
+                    group=out.group,
+                    port=out.port if out.port is not None else self.input.port,
+                    interface=out.interface,
+                    ttl=out.ttl if out.ttl is not None else default_ttl,
+                )
+            )
+        return result
+
+    def display_name(self) -> str:
+        return self.name if self.name is not None else str(self.key)
+
+
+def rule_label(index: int, name: str | None) -> str:
+    """How errors name a rule: by 1-based position, and by name when it has one."""
+    return f"rule {index + 1} ({name!r})" if name else f"rule {index + 1}"
+
+
+def check_rule_set(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+    """Checks that involve more than one rule, or a rule and its own outputs.
+
+    Returns (rule index, message) pairs; an empty list means the set is valid.
+    """
+    errors: list[tuple[int, str]] = []
+    errors += _check_outputs_per_rule(rules)
+    errors += _check_unique(rules)
+    errors += _check_cycles(rules)
+    return sorted(errors, key=lambda e: e[0])
+
+
+def _check_outputs_per_rule(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+    errors = []
+    for i, rule in enumerate(rules):
+        seen: dict[tuple[str, int, str | None], int] = {}
+        for j, dest in enumerate(rule.destinations()):
+            where = f"outputs[{j}]"
+            if is_multicast(dest.group) and dest.interface is None:
+                errors.append((i, f"{where}: a multicast output needs an 'interface'"))
+            if (
+                dest.interface == rule.input.interface
+                and dest.group == rule.input.group
+                and dest.port == rule.input.port
+            ):
+                errors.append(
+                    (
+                        i,
+                        f"{where}: output {dest.group}:{dest.port} on {dest.interface} is its own input",
+                    )
+                )
+            ident = (dest.group, dest.port, dest.interface)
+            if ident in seen:
+                errors.append((i, f"{where}: same destination as outputs[{seen[ident]}]"))
+            else:
+                seen[ident] = j
+    return errors
+
+
+def _check_unique(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+    errors = []
+    by_key: dict[RuleKey, int] = {}
+    by_name: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        first = by_key.setdefault(rule.key, i)
+        if first != i:
+            errors.append((i, f"input {rule.key} is already used by {rule_label(first, rules[first].name)}"))
+        if rule.name is not None:
+            first = by_name.setdefault(rule.name, i)
+            if first != i:
+                errors.append((i, f"name {rule.name!r} is already used by rule {first + 1}"))
+    return errors
+
+
+def feeds(dest: Destination, key: RuleKey) -> bool:
+    """Whether packets sent to `dest` could arrive as input of the rule `key`.
+
+    The relay's sender address is not known statically, so a source-specific
+    input is assumed to match; an output without an interface can leave on any.
+    """
+    return (
+        dest.group == key.group
+        and dest.port == key.port
+        and (dest.interface is None or dest.interface == key.interface)
+    )
+
+
+def _check_cycles(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+    edges: dict[int, list[int]] = {i: [] for i in range(len(rules))}
+    for i, rule in enumerate(rules):
+        for dest in rule.destinations():
+            for j, other in enumerate(rules):
+                if j != i and feeds(dest, other.key) and j not in edges[i]:
+                    edges[i].append(j)
+    errors = []
+    reported: set[frozenset[int]] = set()
+    for start in range(len(rules)):
+        cycle = _find_cycle(start, edges)
+        if cycle is None or frozenset(cycle) in reported:
+            continue
+        reported.add(frozenset(cycle))
+        path = " -> ".join(rule_label(k, rules[k].name) for k in [*cycle, cycle[0]])
+        errors.append((min(cycle), f"rules feed each other in a cycle: {path}"))
+    return errors
+
+
+def _find_cycle(start: int, edges: dict[int, list[int]]) -> list[int] | None:
+    """A cycle through `start`, as the list of nodes in order, or None."""
+    stack: list[tuple[int, list[int]]] = [(start, [start])]
+    visited: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in edges[node]:
+            if nxt == start:
+                return path
+            if nxt not in visited:
+                visited.add(nxt)
+                stack.append((nxt, [*path, nxt]))
+    return None

@@ -1,0 +1,223 @@
+"""The data-plane worker: one process per input interface.
+
+Started by the supervisor as a fresh interpreter (`python -m mcrd.worker FD`)
+with one end of a channel. Everything else — the filtered AF_PACKET socket and
+the output sockets — arrives over that channel as file descriptors, so the
+worker itself never needs privilege to open them. It relays datagrams, counts,
+and answers the supervisor; it exits when the channel closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+from mcrd import channel
+from mcrd.netio import packet_statistics
+from mcrd.packet import DROP_REASONS, Datagram, ip_to_int, parse
+
+log = logging.getLogger("mcrd.worker")
+
+BATCH = 256  # datagrams between two looks at the channel
+
+
+class Output:
+    __slots__ = ("address", "errors", "label", "last_error", "octets", "packets", "sock")
+
+    def __init__(self, sock: socket.socket, group: str, port: int, label: str) -> None:
+        self.sock = sock
+        self.address = (group, port)
+        self.label = label
+        self.packets = 0
+        self.octets = 0
+        self.errors = 0
+        self.last_error = ""
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "destination": self.label,
+            "packets": self.packets,
+            "bytes": self.octets,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+class Rule:
+    __slots__ = ("key", "octets", "outputs", "packets")
+
+    def __init__(self, key: str, outputs: list[Output]) -> None:
+        self.key = key
+        self.outputs = outputs
+        self.packets = 0
+        self.octets = 0
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "packets": self.packets,
+            "bytes": self.octets,
+            "outputs": [o.counters() for o in self.outputs],
+        }
+
+
+class Worker:
+    def __init__(self, chan: socket.socket) -> None:
+        self.chan = chan
+        self.packet_sock: socket.socket | None = None
+        self.owned: list[socket.socket] = []
+        self.rules: list[Rule] = []
+        # (group, port) -> {source or None: rule}: one dict lookup per datagram,
+        # whatever the number of rules.
+        self.table: dict[tuple[int, int], dict[int | None, Rule]] = {}
+        self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self.received = 0
+        self.buf = bytearray(65536)
+        self.view = memoryview(self.buf)
+        self.running = True
+
+    # -- control -----------------------------------------------------------
+
+    def configure(self, message: dict[str, Any], fds: list[int]) -> None:
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for sock in socks:
+            sock.setblocking(False)
+        for sock in self.owned:  # new descriptors for the same sockets arrived
+            sock.close()
+        self.owned = socks
+        self.packet_sock = socks[message["packet_fd"]]
+        rules: list[Rule] = []
+        table: dict[tuple[int, int], dict[int | None, Rule]] = {}
+        for spec in message["rules"]:
+            outputs = [Output(socks[o["fd"]], o["group"], o["port"], o["label"]) for o in spec["outputs"]]
+            rule = Rule(spec["key"], outputs)
+            rules.append(rule)
+            source = ip_to_int(spec["source"]) if spec["source"] else None
+            table.setdefault((ip_to_int(spec["group"]), spec["port"]), {})[source] = rule
+        self.rules, self.table = rules, table
+
+    def stats(self) -> dict[str, Any]:
+        if self.packet_sock is not None:
+            _packets, dropped = packet_statistics(self.packet_sock)
+            self.drops["overflow"] += dropped
+        return {
+            "received": self.received,
+            "drops": dict(self.drops),
+            "rules": {r.key: r.counters() for r in self.rules},
+        }
+
+    def handle_channel(self) -> None:
+        try:
+            got = channel.receive(self.chan)
+        except ConnectionError:
+            got = None
+        if got is None:
+            self.running = False
+            return
+        message, fds = got
+        op = message.get("op")
+        if op == "configure":
+            self.configure(message, fds)
+            channel.send(self.chan, {"op": "configured", "id": message.get("id"), "pid": os.getpid()})
+        elif op == "stats":
+            channel.send(self.chan, {"op": "stats", "id": message.get("id"), **self.stats()})
+        elif op == "stop":
+            self.running = False
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    # -- data path ---------------------------------------------------------
+
+    def drain(self) -> bool:
+        """Relay up to BATCH datagrams; True when more may be waiting."""
+        sock = self.packet_sock
+        if sock is None:
+            return False
+        recv_into = sock.recv_into
+        buf, view, table, drops = self.buf, self.view, self.table, self.drops
+        for _ in range(BATCH):
+            try:
+                size = recv_into(buf)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno == errno.ENETDOWN:  # interface went down; frames stop
+                    return False
+                raise
+            self.received += 1
+            dgram = parse(buf, size)
+            if dgram.__class__ is str:
+                drops[dgram] += 1
+                continue
+            assert isinstance(dgram, Datagram)
+            by_source = table.get((dgram.group, dgram.port))
+            rule = None
+            if by_source is not None:
+                rule = by_source.get(dgram.source) or by_source.get(None)
+            if rule is None:
+                drops["unmatched"] += 1
+                continue
+            payload = view[dgram.start : dgram.end]
+            length = dgram.end - dgram.start
+            rule.packets += 1
+            rule.octets += length
+            for out in rule.outputs:
+                try:
+                    out.sock.sendto(payload, out.address)
+                except OSError as exc:
+                    out.errors += 1
+                    out.last_error = errno.errorcode.get(exc.errno or 0, str(exc))
+                else:
+                    out.packets += 1
+                    out.octets += length
+        return True
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.chan, select.POLLIN)
+        registered: socket.socket | None = None
+        while self.running:
+            if self.packet_sock is not registered:
+                if registered is not None:
+                    poller.unregister(registered)
+                if self.packet_sock is not None:
+                    poller.register(self.packet_sock, select.POLLIN)
+                registered = self.packet_sock
+            for fd, events in poller.poll(1000):
+                if fd == self.chan.fileno():
+                    self.handle_channel()
+                elif events & select.POLLIN:
+                    while self.drain() and not _readable(self.chan):
+                        pass
+                elif events & (select.POLLERR | select.POLLNVAL):
+                    log.error("receive socket failed (events %#x); waiting for the supervisor", events)
+                    poller.unregister(fd)
+                    registered = self.packet_sock = None
+                if not self.running:
+                    break
+
+
+def _readable(sock: socket.socket) -> bool:
+    ready, _, _ = select.select([sock], [], [], 0)
+    return bool(ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="mcrd-worker[%(process)d]: %(message)s")
+    # The supervisor stops us through the channel; a terminal's ^C goes to the
+    # whole process group and must not kill the data path before it asks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    chan = socket.socket(fileno=int(args[0]))
+    Worker(chan).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
