@@ -91,8 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         sock = Path(tmp) / "control.sock"
         say(f"\nrule file {config}:\n{RULES}")
         mcrd = subprocess.Popen(
-            ["ip", "netns", "exec", relay, sys.executable, "-m", "mcrd.daemon",
-             "--config", str(config), "--control-socket", str(sock)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                relay,
+                sys.executable,
+                "-m",
+                "mcrd.daemon",
+                "--config",
+                str(config),
+                "--control-socket",
+                str(sock),
+            ],
         )
         try:
             wait_ready(sock, mcrd)
@@ -102,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             host_rx = Receiver(dst, "198.51.100.2", 7000)
             sender = Sender(src, "eth0")
             say(f"\nsending {count} datagrams to 239.1.1.1:5000 in segment A at {args.rate:.0f}/s ...")
-            thread = threading.Thread(target=sender.stream, args=("239.1.1.1", 5000, 1, count, args.rate, 120))
+            thread = threading.Thread(
+                target=sender.stream, args=("239.1.1.1", 5000, 1, count, args.rate, 120)
+            )
             thread.start()
             deadline = time.monotonic() + args.seconds + 3
             while time.monotonic() < deadline:
@@ -121,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 seqs = rx.seqs(1)
                 intact = seqs == list(range(count))
                 ok &= intact
-                say(f"{what}: {len(seqs)}/{count} datagrams, "
-                    f"{'all intact and in order' if intact else 'LOSS OR DISORDER'}")
+                say(
+                    f"{what}: {len(seqs)}/{count} datagrams, "
+                    f"{'all intact and in order' if intact else 'LOSS OR DISORDER'}"
+                )
         finally:
             mcrd.send_signal(signal.SIGTERM)
             try:

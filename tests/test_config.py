@@ -1,0 +1,376 @@
+"""The rule file: a catalogue of mistakes, each with its exact error, and the
+valid forms with their defaults. `mcrd --check` and a refused start are run
+as real processes for every bad file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcrd.config import ConfigError, DaemonOptions, DaemonSettings, load_config
+from mcrd.rules import Destination, RuleKey
+
+GOOD_OUT = '{ interface = "eth1", group = "239.2.2.2", port = 6000 }'
+
+
+def rule(
+    inp: str = 'interface = "eth0", group = "239.1.1.1", port = 5000',
+    outputs: str = GOOD_OUT,
+    extra: str = "",
+) -> str:
+    return f"[[rule]]\n{extra}input = {{ {inp} }}\noutputs = [ {outputs} ]\n"
+
+
+# (id, file text, the exact error lines for a file named bad.toml)
+CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
+    (
+        "toml-syntax",
+        "[[rule]\nname = 1\n",
+        ["bad.toml:1:7: invalid TOML: Expected ']]' at the end of an array declaration"],
+    ),
+    (
+        "toml-duplicate-key",
+        rule(extra='name = "a"\nname = "b"\n'),
+        ["bad.toml:3:11: invalid TOML: Cannot overwrite a value"],
+    ),
+    ("not-utf8", b'[[rule]]\nname = "\xff"\n', ["bad.toml:2: not valid UTF-8"]),
+    (
+        "rule-not-array",
+        '[rule]\nname = "x"\n',
+        ["bad.toml:1: rule: must be an array of tables: write [[rule]], not [rule]"],
+    ),
+    ("unknown-top-key", '[[rules]]\nname = "x"\n', ["bad.toml:1: rules: unknown key (did you mean 'rule'?)"]),
+    (
+        "unknown-rule-key",
+        rule(extra='nmae = "x"\n'),
+        ["bad.toml:2: rule 1: nmae: unknown key (did you mean 'name'?)"],
+    ),
+    (
+        "unknown-input-key",
+        rule('interface = "eth0", gruop = "239.1.1.1", group = "239.1.1.1", port = 5000'),
+        ["bad.toml:2: rule 1: input.gruop: unknown key (did you mean 'group'?)"],
+    ),
+    (
+        "unknown-output-key",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", tll = 4 }'),
+        ["bad.toml:3: rule 1: outputs[0].tll: unknown key (did you mean 'ttl'?)"],
+    ),
+    (
+        "unknown-daemon-key",
+        '[daemon]\nlog_levle = "debug"\n',
+        ["bad.toml:2: [daemon] log_levle: unknown key (did you mean 'log_level'?)"],
+    ),
+    (
+        "bad-log-level",
+        '[daemon]\nlog_level = "loud"\n',
+        ["bad.toml:2: [daemon] log_level: must be one of 'debug', 'info', 'warning' or 'error', got 'loud'"],
+    ),
+    (
+        "missing-input",
+        '[[rule]]\nname = "cam"\noutputs = [ ' + GOOD_OUT + " ]\n",
+        ["bad.toml:1: rule 1 ('cam'): input: missing required key"],
+    ),
+    (
+        "missing-outputs",
+        '[[rule]]\ninput = { interface = "eth0", group = "239.1.1.1", port = 5000 }\n',
+        ["bad.toml:1: rule 1: outputs: missing required key"],
+    ),
+    ("empty-outputs", rule(outputs=""), ["bad.toml:3: rule 1: outputs: needs at least one output"]),
+    (
+        "missing-interface",
+        rule('group = "239.1.1.1", port = 5000'),
+        ["bad.toml:2: rule 1: input.interface: missing required key"],
+    ),
+    (
+        "missing-port",
+        rule('interface = "eth0", group = "239.1.1.1"'),
+        ["bad.toml:2: rule 1: input.port: missing required key"],
+    ),
+    (
+        "missing-output-group",
+        rule(outputs='{ interface = "eth1", port = 6000 }'),
+        ["bad.toml:3: rule 1: outputs[0].group: missing required key"],
+    ),
+    (
+        "ifname-too-long",
+        rule('interface = "eth0123456789abc", group = "239.1.1.1", port = 5000'),
+        [
+            "bad.toml:2: rule 1: input.interface: invalid interface name 'eth0123456789abc': "
+            "1-15 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+        ],
+    ),
+    (
+        "ifname-leading-dash",
+        rule(outputs='{ interface = "-eth1", group = "239.2.2.2" }'),
+        [
+            "bad.toml:3: rule 1: outputs[0].interface: invalid interface name '-eth1': "
+            "1-15 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+        ],
+    ),
+    (
+        "ifname-slash",
+        rule('interface = "eth0/1", group = "239.1.1.1", port = 5000'),
+        [
+            "bad.toml:2: rule 1: input.interface: invalid interface name 'eth0/1': "
+            "1-15 letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+        ],
+    ),
+    (
+        "port-zero",
+        rule('interface = "eth0", group = "239.1.1.1", port = 0'),
+        ["bad.toml:2: rule 1: input.port: must be from 1 to 65535, got 0"],
+    ),
+    (
+        "port-too-big",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", port = 65536 }'),
+        ["bad.toml:3: rule 1: outputs[0].port: must be from 1 to 65535, got 65536"],
+    ),
+    (
+        "port-string",
+        rule('interface = "eth0", group = "239.1.1.1", port = "5000"'),
+        ["bad.toml:2: rule 1: input.port: must be an integer, got a string '5000'"],
+    ),
+    (
+        "port-float",
+        rule('interface = "eth0", group = "239.1.1.1", port = 5000.0'),
+        ["bad.toml:2: rule 1: input.port: must be an integer, got a float 5000.0"],
+    ),
+    (
+        "address-short",
+        rule('interface = "eth0", group = "239.1.1", port = 5000'),
+        ["bad.toml:2: rule 1: input.group: '239.1.1' is not a valid IPv4 address"],
+    ),
+    (
+        "address-octet",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.256" }'),
+        ["bad.toml:3: rule 1: outputs[0].group: '239.2.2.256' is not a valid IPv4 address"],
+    ),
+    (
+        "address-not-string",
+        rule('interface = "eth0", group = 239, port = 5000'),
+        ["bad.toml:2: rule 1: input.group: must be a string, got an integer 239"],
+    ),
+    (
+        "output-any",
+        rule(outputs='{ interface = "eth1", group = "0.0.0.0" }'),
+        ["bad.toml:3: rule 1: outputs[0].group: 0.0.0.0 cannot be an output destination"],
+    ),
+    (
+        "output-broadcast",
+        rule(outputs='{ interface = "eth1", group = "255.255.255.255" }'),
+        ["bad.toml:3: rule 1: outputs[0].group: 255.255.255.255 cannot be an output destination"],
+    ),
+    (
+        "output-loopback",
+        rule(outputs='{ group = "127.0.0.1", port = 9 }'),
+        ["bad.toml:3: rule 1: outputs[0].group: 127.0.0.1 is a loopback address: it never leaves the host"],
+    ),
+    (
+        "input-any",
+        rule('interface = "eth0", group = "0.0.0.0", port = 5000'),
+        ["bad.toml:2: rule 1: input.group: 0.0.0.0 cannot be an input address"],
+    ),
+    (
+        "source-multicast",
+        rule('interface = "eth0", group = "239.1.1.1", port = 5000, source = "239.9.9.9"'),
+        [
+            "bad.toml:2: rule 1: input.source: 239.9.9.9 cannot be a sender address: "
+            "it must be a unicast address"
+        ],
+    ),
+    (
+        "ttl-zero",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = 0 }'),
+        ["bad.toml:3: rule 1: outputs[0].ttl: must be from 1 to 255, got 0"],
+    ),
+    (
+        "ttl-too-big",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = 256 }'),
+        ["bad.toml:3: rule 1: outputs[0].ttl: must be from 1 to 255, got 256"],
+    ),
+    (
+        "ttl-bool",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = true }'),
+        ["bad.toml:3: rule 1: outputs[0].ttl: must be an integer, got a boolean True"],
+    ),
+    ("name-empty", rule(extra='name = ""\n'), ["bad.toml:2: rule 1: name: must not be empty"]),
+    (
+        "input-not-table",
+        '[[rule]]\ninput = "eth0"\noutputs = [ ' + GOOD_OUT + " ]\n",
+        ["bad.toml:2: rule 1: input: must be a table, got a string 'eth0'"],
+    ),
+    (
+        "outputs-not-array",
+        '[[rule]]\ninput = { interface = "eth0", group = "239.1.1.1", port = 5000 }\n'
+        'outputs = { interface = "eth1", group = "239.2.2.2" }\n',
+        ["bad.toml:3: rule 1: outputs: must be an array, got a table"],
+    ),
+    (
+        "multicast-output-without-interface",
+        rule(outputs='{ group = "239.2.2.2" }'),
+        ["bad.toml:1: rule 1: outputs[0]: a multicast output needs an 'interface'"],
+    ),
+    (
+        "output-is-own-input",
+        rule(outputs='{ interface = "eth0", group = "239.1.1.1" }'),
+        ["bad.toml:1: rule 1: outputs[0]: output 239.1.1.1:5000 on eth0 is its own input"],
+    ),
+    (
+        "duplicate-output",
+        rule(outputs=GOOD_OUT + ", " + GOOD_OUT),
+        ["bad.toml:1: rule 1: outputs[1]: same destination as outputs[0]"],
+    ),
+    (
+        "duplicate-input",
+        rule(extra='name = "a"\n') + rule(extra='name = "b"\n'),
+        ["bad.toml:5: rule 2 ('b'): input eth0 239.1.1.1:5000 is already used by rule 1 ('a')"],
+    ),
+    (
+        "duplicate-name",
+        rule(extra='name = "cam"\n')
+        + rule('interface = "eth0", group = "239.1.1.2", port = 5000', extra='name = "cam"\n'),
+        ["bad.toml:5: rule 2 ('cam'): name 'cam' is already used by rule 1"],
+    ),
+    (
+        "cycle-of-two",
+        rule(
+            'interface = "eth0", group = "239.1.1.1", port = 5000',
+            '{ interface = "eth1", group = "239.2.2.2" }',
+        )
+        + rule(
+            'interface = "eth1", group = "239.2.2.2", port = 5000',
+            '{ interface = "eth0", group = "239.1.1.1" }',
+        ),
+        ["bad.toml:1: rule 1: rules feed each other in a cycle: rule 1 -> rule 2 -> rule 1"],
+    ),
+    (
+        "cycle-of-three",
+        rule('interface = "a", group = "239.0.0.1", port = 1', '{ interface = "b", group = "239.0.0.2" }')
+        + rule('interface = "b", group = "239.0.0.2", port = 1', '{ interface = "c", group = "239.0.0.3" }')
+        + rule('interface = "c", group = "239.0.0.3", port = 1', '{ interface = "a", group = "239.0.0.1" }'),
+        ["bad.toml:1: rule 1: rules feed each other in a cycle: rule 1 -> rule 2 -> rule 3 -> rule 1"],
+    ),
+    (
+        "several-at-once",
+        rule('interface = "eth0", group = "239.1.1.1", port = 0')
+        + rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = 300 }'),
+        [
+            "bad.toml:2: rule 1: input.port: must be from 1 to 65535, got 0",
+            "bad.toml:6: rule 2: outputs[0].ttl: must be from 1 to 255, got 300",
+        ],
+    ),
+]
+
+
+def _write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _, t, e in CATALOGUE], ids=[i for i, _, _ in CATALOGUE]
+)
+def test_catalogue_of_mistakes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str | bytes, expected: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("bad.toml"))
+    assert info.value.errors == expected
+
+
+def test_catalogue_is_large_enough() -> None:
+    assert len(CATALOGUE) >= 25
+
+
+def _mcrd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcrd.daemon", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _, t, e in CATALOGUE], ids=[i for i, _, _ in CATALOGUE]
+)
+def test_mcrd_check_and_start_refuse_each_mistake(
+    tmp_path: Path, text: str | bytes, expected: list[str]
+) -> None:
+    _write(tmp_path, text)
+    check = _mcrd(tmp_path, "--check", "--config", "bad.toml")
+    assert check.returncode == 78
+    assert check.stderr.splitlines() == expected
+    start = _mcrd(tmp_path, "--config", "bad.toml", "--control-socket", str(tmp_path / "c.sock"))
+    assert start.returncode == 78
+    assert start.stderr.splitlines() == [*expected, "mcrd: refusing to start: bad.toml is invalid"]
+    assert not (tmp_path / "c.sock").exists()
+
+
+def test_check_accepts_the_shipped_example(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "etc" / "mcr.toml"
+    result = _mcrd(tmp_path, "--check", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{example}: OK, 2 rule(s)\n"
+
+
+def test_check_of_a_missing_file_fails(tmp_path: Path) -> None:
+    result = _mcrd(tmp_path, "--check", "--config", "nope.toml")
+    assert result.returncode == 78
+    assert result.stderr == "nope.toml: no such file\n"
+
+
+def test_defaults_and_destinations(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        rule(
+            'interface = "eth0", group = "239.1.1.1", port = 5000, source = "192.0.2.10"',
+            '{ interface = "eth1", group = "239.2.2.2" }, { group = "198.51.100.7", ttl = 9 }, '
+            '{ interface = "eth2", group = "203.0.113.9", port = 7 }',
+        )
+    )
+    (spec,) = load_config(path).rules
+    assert spec.key == RuleKey("eth0", "239.1.1.1", 5000, "192.0.2.10")
+    assert spec.display_name() == "eth0 239.1.1.1:5000 from 192.0.2.10"
+    assert spec.destinations() == [
+        Destination("239.2.2.2", 5000, "eth1", 1),
+        Destination("198.51.100.7", 5000, None, 9),
+        Destination("203.0.113.9", 7, "eth2", 64),
+    ]
+
+
+def test_a_chain_that_is_not_a_cycle_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        rule('interface = "a", group = "239.0.0.1", port = 1', '{ interface = "b", group = "239.0.0.2" }')
+        + rule('interface = "b", group = "239.0.0.2", port = 1', '{ interface = "c", group = "239.0.0.3" }')
+    )
+    assert len(load_config(path).rules) == 2
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "empty.toml").write_text("# nothing yet\n")
+    assert load_config(tmp_path / "empty.toml").rules == []
+    loaded = load_config(tmp_path / "missing.toml", missing_ok=True)
+    assert loaded.missing and loaded.rules == []
+
+
+def test_settings_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = DaemonOptions.model_validate({"control_socket": "/from/file", "log_level": "warning"})
+    assert DaemonSettings.resolve({}, table).control_socket == Path("/from/file")
+    monkeypatch.setenv("MCRD_CONTROL_SOCKET", "/from/env")
+    settings = DaemonSettings.resolve({"control_socket": None}, table)
+    assert (settings.control_socket, settings.log_level) == (Path("/from/env"), "warning")
+    settings = DaemonSettings.resolve({"control_socket": Path("/from/flag"), "log_level": "debug"}, table)
+    assert (settings.control_socket, settings.log_level) == (Path("/from/flag"), "debug")
+    assert DaemonSettings.resolve({}, DaemonOptions()).control_socket == Path("/from/env")
+    monkeypatch.delenv("MCRD_CONTROL_SOCKET")
+    assert DaemonSettings.resolve({}, DaemonOptions()).control_socket == Path("/run/mcr/control.sock")
