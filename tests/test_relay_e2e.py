@@ -290,3 +290,29 @@ def test_killed_worker_is_restarted_and_the_stream_resumes(
     assert "1 restarts" in mcrctl(daemon.socket, "status").stdout
     # Counters carry over the restart (up to the last sample before the kill).
     assert daemon.rule_stats("camera")["packets"] >= 200
+
+
+def test_frames_the_relay_sent_are_never_relayed_again(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    # Rule "back" republishes into the input segment itself, onto the group
+    # that rule "onward" takes: what "back" sends must not reach "onward".
+    daemon = start_mcrd(net, tmp_path, daemons, """
+[[rule]]
+name = "back"
+input = { interface = "in0", group = "239.1.1.1", port = 5000 }
+outputs = [ { interface = "in0", group = "239.1.1.2" } ]
+
+[[rule]]
+name = "onward"
+input = { interface = "in0", group = "239.1.1.2", port = 5000 }
+outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
+""")
+    in_segment = Receiver(net.src, "239.1.1.2", 5000, "eth0")
+    onward = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    tx = Sender(net.src, "eth0")
+    tx.stream("239.1.1.1", 5000, stream=40, count=100)
+    assert in_segment.wait_for(lambda a: len(in_segment.seqs(40)) == 100), "rule 'back' relays"
+    tx.stream("239.1.1.2", 5000, stream=41, count=100)  # control: a real sender on that group
+    assert onward.wait_for(lambda a: len(onward.seqs(41)) == 100)
+    onward.poll(0)
+    assert onward.seqs(40) == [], "mcrd relayed its own output"
+    assert daemon.rule_stats("onward")["packets"] == 100
