@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcrd.rules import RuleSpec, check_rule_set, rule_label
@@ -33,6 +33,8 @@ class DaemonOptions(BaseModel):
 
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     log_level: LogLevel = "info"
+    #: seconds a worker may go without answering before it is killed and restarted
+    worker_timeout: float = Field(default=10.0, ge=1.0, le=3600.0)
 
 
 class DaemonSettings(DaemonOptions, BaseSettings):
@@ -82,22 +84,33 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def load_config(path: Path, *, missing_ok: bool = False) -> LoadedConfig:
-    """Read, parse and validate a rule file. Raises ConfigError with every problem found."""
+def read_rule_file(path: Path) -> bytes | None:
+    """The file's bytes, None when it does not exist; ConfigError when unreadable."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        if missing_ok:
-            return LoadedConfig(path, missing=True)
-        raise ConfigError(path, [f"{path}: no such file"]) from None
+        return None
     except OSError as exc:
         raise ConfigError(path, [f"{path}: cannot read: {exc.strerror}"]) from None
+
+
+def parse_rule_bytes(raw: bytes, path: Path) -> LoadedConfig:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(path, [f"{path}:{line}: not valid UTF-8"]) from None
     return parse_config(text, path)
+
+
+def load_config(path: Path, *, missing_ok: bool = False) -> LoadedConfig:
+    """Read, parse and validate a rule file. Raises ConfigError with every problem found."""
+    raw = read_rule_file(path)
+    if raw is None:
+        if missing_ok:
+            return LoadedConfig(path, missing=True)
+        raise ConfigError(path, [f"{path}: no such file"])
+    return parse_rule_bytes(raw, path)
 
 
 _TOML_POS = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")

@@ -13,14 +13,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from mcrd import __version__
-from mcrd.config import DEFAULT_CONFIG, ConfigError, DaemonSettings, LoadedConfig, load_config
+from mcrd.config import DEFAULT_CONFIG, ConfigError, DaemonSettings, LoadedConfig, load_config, read_rule_file
 from mcrd.control import ControlServer, Handler
+from mcrd.links import LinkMonitor, Snapshot
+from mcrd.notify import Systemd, watchdog_interval
+from mcrd.reload import Reloader, watch_file
 from mcrd.supervisor import Supervisor
 
 log = logging.getLogger("mcrd")
@@ -74,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     path = config_path(args.config)
     try:
         loaded = load_config(path, missing_ok=not args.check)
-        settings = DaemonSettings.resolve(
-            {"control_socket": args.control_socket, "log_level": args.log_level}, loaded.daemon
-        )
+        cli = {"control_socket": args.control_socket, "log_level": args.log_level}
+        settings = DaemonSettings.resolve(cli, loaded.daemon)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -96,47 +99,118 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(run(settings, loaded))
+        return asyncio.run(run(settings, loaded, cli))
     except KeyboardInterrupt:
         return EX_OK
 
 
-async def run(settings: DaemonSettings, loaded: LoadedConfig) -> int:
+async def run(settings: DaemonSettings, loaded: LoadedConfig, cli: dict[str, Any]) -> int:
+    systemd = Systemd()
     if loaded.missing:
         log.warning("%s does not exist: running with no rules", loaded.path)
     elif not loaded.rules:
         log.warning("%s has no rules", loaded.path)
-    supervisor = Supervisor(loaded.rules)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    supervisor = Supervisor(loaded.rules, worker_timeout=settings.worker_timeout)
+    first_links = asyncio.Event()
+
+    def on_links(snapshot: Snapshot) -> None:
+        supervisor.observe_links(snapshot)
+        first_links.set()
+
+    LinkMonitor(loop, on_links).start()
+    try:
+        await asyncio.wait_for(first_links.wait(), 2.0)
+    except TimeoutError:
+        log.warning("netlink gave no interface list; checking interfaces directly until it does")
+
+    async def apply(new: LoadedConfig) -> None:
+        effective = DaemonSettings.resolve(cli, new.daemon)
+        logging.getLogger().setLevel(effective.log_level.upper())
+        if effective.control_socket != settings.control_socket:
+            log.warning(
+                "control_socket changed to %s: takes effect when mcrd restarts", effective.control_socket
+            )
+        await supervisor.apply(new.rules)
+
+    def status_line() -> str:
+        active, pending = supervisor.counts()
+        text = f"{active} rule(s) active, {pending} pending"
+        if reloader.loaded is not None and reloader.loaded.missing:
+            text += f"; {loaded.path} missing"
+        if reloader.last is not None and reloader.last.result == "rejected":
+            text += f"; last reload rejected: {reloader.last.errors[0]}"
+        return text
+
+    reloader = Reloader(
+        loaded.path,
+        lambda: supervisor.rules,
+        apply,
+        before=systemd.reloading,
+        after=lambda outcome: systemd.ready(status_line()),
+        loaded=loaded,
+    )
+    reloader.seen = read_rule_file(loaded.path) if not loaded.missing else None
+    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    server = ControlServer(settings.control_socket, control_handlers(supervisor, settings, loaded))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reloader.request("SIGHUP"))
+    server = ControlServer(settings.control_socket, control_handlers(supervisor, reloader, settings))
     try:
         await server.start()
     except OSError as exc:
         log.error("cannot serve the control socket %s: %s", settings.control_socket, exc.strerror or exc)
         return EX_FAIL
+    tasks: list[asyncio.Task[None]] = []
     try:
         await supervisor.start()
-        active = sum(1 for v in supervisor.rule_views() if v["state"] == "active")
+        tasks = [
+            asyncio.create_task(reloader.run(), name="reloader"),
+            asyncio.create_task(watch_file(loaded.path, reloader, stop), name="watcher"),
+            asyncio.create_task(keep_alive(supervisor, systemd, status_line), name="keepalive"),
+        ]
+        active, pending = supervisor.counts()
         log.info(
             "mcrd %s ready: %d rule(s) active, %d pending, control socket %s",
             __version__,
             active,
-            len(loaded.rules) - active,
+            pending,
             settings.control_socket,
         )
+        systemd.ready(status_line())
         await stop.wait()
         log.info("stopping")
+        systemd.stopping()
     finally:
+        for task in tasks:
+            task.cancel()
         await supervisor.stop()
         await server.close()
     return EX_OK
 
 
+async def keep_alive(supervisor: Supervisor, systemd: Systemd, status_line: Callable[[], str]) -> None:
+    """Ping the watchdog from the main loop, and only while every worker answers.
+
+    A hung loop sends nothing; a hung worker stops the pings until it answers
+    again or is restarted, so systemd's watchdog sees either.
+    """
+    interval = watchdog_interval()
+    period = min(interval / 2, 1.0) if interval else 1.0
+    warned = False
+    while True:
+        if supervisor.workers_healthy():
+            systemd.ping()
+            warned = False
+        elif not warned:
+            log.warning("a worker stopped answering: holding back the watchdog")
+            warned = True
+        systemd.status(status_line())
+        await asyncio.sleep(period)
+
+
 def control_handlers(
-    supervisor: Supervisor, settings: DaemonSettings, loaded: LoadedConfig
+    supervisor: Supervisor, reloader: Reloader, settings: DaemonSettings
 ) -> dict[str, Handler]:
     async def ping(_: dict[str, Any]) -> Any:
         return {"pong": True, "pid": os.getpid()}
@@ -154,18 +228,24 @@ def control_handlers(
     async def workers(_: dict[str, Any]) -> Any:
         return {"workers": supervisor.worker_views()}
 
+    async def reload(_: dict[str, Any]) -> Any:
+        outcome = await reloader.request("mcrctl reload")
+        return outcome.as_dict()
+
     async def status(_: dict[str, Any]) -> Any:
-        views = supervisor.rule_views()
+        active, pending = supervisor.counts()
+        loaded = reloader.loaded
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "config": str(loaded.path),
-            "config_missing": loaded.missing,
-            "rules": len(views),
-            "active": sum(1 for v in views if v["state"] == "active"),
-            "pending": sum(1 for v in views if v["state"] != "active"),
+            "config": str(reloader.path),
+            "config_missing": bool(loaded and loaded.missing),
+            "rules": active + pending,
+            "active": active,
+            "pending": pending,
             "workers": supervisor.worker_views(),
-            "log_level": settings.log_level,
+            "last_reload": reloader.last.as_dict() if reloader.last else None,
+            "log_level": logging.getLevelName(logging.getLogger().level).lower(),
         }
 
     return {
@@ -175,6 +255,7 @@ def control_handlers(
         "stats": stats,
         "workers": workers,
         "status": status,
+        "reload": reload,
     }
 
 

@@ -36,7 +36,8 @@ def ifindex(name: str) -> int:
         raise OSError(errno.ENODEV, f"no interface named {name!r}") from None
 
 
-def _attach(sock: socket.socket, program: bytes) -> None:
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """Attach (or atomically replace) a classic BPF socket filter."""
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; };
     # the kernel copies the program during the call, so a local buffer will do.
     holder = ctypes.create_string_buffer(program, len(program))
@@ -60,7 +61,9 @@ def open_packet_socket(interface: str, program: bytes) -> socket.socket:
     index = ifindex(interface)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     try:
-        _attach(sock, program)
+        attach_filter(sock, program)
+        # Bound to ETH_P_IP, the socket only sees incoming frames already;
+        # this keeps our own transmissions out should the binding ever widen.
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         _force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.bind((interface, ETH_P_IP))
@@ -107,7 +110,7 @@ def open_sink(address: str, port: int) -> socket.socket | None:
     another program already owns the port (it then gets the datagrams)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        _attach(sock, drop_all_filter())
+        attach_filter(sock, drop_all_filter())
         sock.bind((address, port))
     except OSError as exc:
         sock.close()
@@ -127,7 +130,7 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        _attach(sock, drop_all_filter())
+        attach_filter(sock, drop_all_filter())
         if interface is not None:
             index = ifindex(interface)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())

@@ -2,10 +2,14 @@
 
 It opens every socket the data path needs (filtered AF_PACKET receive sockets,
 group memberships, output sockets bound to their devices) and hands them to
-workers, which it spawns as fresh interpreters, never forks. A worker that
-dies is restarted with backoff on the same sockets, so datagrams queued in the
-meantime are still relayed. Runs on one asyncio loop; the control server calls
-into it. Depends on the pure core (`rules`, `packet`) and the `netio` adapter.
+workers, which it spawns as fresh interpreters, never forks. `reconcile()`
+converges what is running on the desired rules and the observed interfaces:
+a port (an input interface) whose interface is unchanged is updated in place
+— filter swapped atomically, memberships joined and left one by one, the
+worker's table swapped between two batches — so unchanged flows never lose a
+datagram. A worker that dies or stops answering is restarted with backoff on
+the same sockets. Depends on the pure core (`rules`, `packet`) and the
+`netio` adapter; runs on one asyncio loop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcrd import channel, netio
+from mcrd.links import Link, Snapshot
 from mcrd.packet import DROP_REASONS, FilterEntry, compile_filter, ip_to_int
 from mcrd.rules import Destination, RuleSpec, is_multicast
 
@@ -31,6 +37,7 @@ log = logging.getLogger("mcrd")
 CONFIGURE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 1.0
 SAMPLE_INTERVAL = 1.0
+LATE_AFTER = 3.0  # a worker silent this long holds back the watchdog
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long resets the backoff
@@ -55,6 +62,7 @@ class WorkerLink:
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 1
         self.closed = False
+        self.last_heard = time.monotonic()
         chan.setblocking(False)
         asyncio.get_running_loop().add_reader(chan.fileno(), self._readable)
 
@@ -77,6 +85,7 @@ class WorkerLink:
             message, fds = got
             for fd in fds:  # workers have no business sending descriptors
                 os.close(fd)
+            self.last_heard = time.monotonic()
             future = self.pending.pop(message.get("id", 0), None)
             if future is not None and not future.done():
                 future.set_result(message)
@@ -111,22 +120,23 @@ class WorkerLink:
             if not future.done():
                 future.set_exception(ConnectionError("worker channel closed"))
 
+    async def stop(self) -> None:
+        """Ask the worker to exit; kill it if it has not within a second."""
+        self.notify({"op": "stop"})
+        try:
+            await asyncio.wait_for(self.process.wait(), 1.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        self.close()
+
 
 @dataclass
-class OutputBinding:
-    destination: Destination
-    sock: socket.socket | None = None
+class OutputSocket:
+    sock: socket.socket | None
+    ifindex: int | None
     reason: str = ""
-
-    @property
-    def label(self) -> str:
-        return str(self.destination)
-
-
-@dataclass
-class RuleBinding:
-    spec: RuleSpec
-    outputs: list[OutputBinding]
 
 
 def _empty_counters() -> dict[str, Any]:
@@ -160,135 +170,315 @@ def add_counters(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return total
 
 
+def filter_entries(specs: Iterable[RuleSpec]) -> set[FilterEntry]:
+    return {
+        FilterEntry(
+            ip_to_int(s.input.group), s.input.port, ip_to_int(s.input.source) if s.input.source else None
+        )
+        for s in specs
+    }
+
+
 @dataclass
 class InputPort:
-    """Everything for one input interface: its sockets, its worker, its counters."""
+    """Everything for one input interface: its sockets, its worker, its counters.
+
+    Lives as long as some rule names the interface; `open` while the
+    interface exists, pending otherwise.
+    """
 
     interface: str
-    rules: list[RuleBinding]
+    rules: list[RuleSpec] = field(default_factory=list)
+    ifindex: int | None = None
     packet_sock: socket.socket | None = None
     precision: int = 2
-    holds: list[socket.socket] = field(default_factory=list)  # memberships and sinks
+    programmed: set[FilterEntry] = field(default_factory=set)
+    memberships: dict[tuple[str, str | None], socket.socket] = field(default_factory=dict)
+    sinks: dict[tuple[str, int], socket.socket | None] = field(default_factory=dict)
     reason: str = ""
     worker: WorkerLink | None = None
-    state: str = "starting"
+    sent: Any = None  # what the worker was last configured with
+    state: str = "pending"
     restarts: int = 0
     carried: dict[str, Any] = field(default_factory=_empty_counters)  # from dead workers
     samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # first start tried
 
-    def filter_entries(self) -> Iterable[FilterEntry]:
-        for rb in self.rules:
-            i = rb.spec.input
-            yield FilterEntry(ip_to_int(i.group), i.port, ip_to_int(i.source) if i.source else None)
+    @property
+    def open(self) -> bool:
+        return self.packet_sock is not None
 
-    def close(self) -> None:
-        for sock in self.holds:
-            sock.close()
-        self.holds.clear()
-        if self.packet_sock is not None:
-            self.packet_sock.close()
-            self.packet_sock = None
+    def live_worker(self) -> WorkerLink | None:
+        return self.worker if self.worker is not None and not self.worker.closed else None
 
     def current(self) -> dict[str, Any]:
         latest = self.samples[-1][1] if self.samples else _empty_counters()
         return add_counters(self.carried, latest)
 
+    def carry_counters(self) -> None:
+        if self.samples:
+            self.carried = add_counters(self.carried, self.samples[-1][1])
+        self.samples.clear()
+        self.prune_counters()
+
+    def prune_counters(self) -> None:
+        """Forget what was carried for rules the port no longer has."""
+        keys = {str(s.key) for s in self.rules}
+        self.carried["rules"] = {k: v for k, v in self.carried["rules"].items() if k in keys}
+
 
 class Supervisor:
-    def __init__(self, rules: list[RuleSpec]) -> None:
+    def __init__(self, rules: list[RuleSpec], worker_timeout: float = 10.0) -> None:
         self.rules = rules
+        self.worker_timeout = worker_timeout
         self.ports: dict[str, InputPort] = {}
-        self.out_socks: dict[tuple[str | None, int], socket.socket] = {}
-        self.out_reasons: dict[tuple[str | None, int], str] = {}
+        self.outputs: dict[tuple[str | None, int], OutputSocket] = {}
+        self.links: Snapshot | None = None  # None until netlink has told us
         self.stopping = False
-        self.started = time.monotonic()
+        self._lock = asyncio.Lock()
         self._sampler: asyncio.Task[None] | None = None
+        self._relink: asyncio.Task[None] | None = None
+        self._links_dirty = False
 
-    # -- building --------------------------------------------------------
+    # -- observed interfaces -----------------------------------------------
 
-    def _output(self, dest: Destination) -> OutputBinding:
-        key = (dest.interface, dest.ttl)
-        sock = self.out_socks.get(key)
-        if sock is None and key not in self.out_reasons:
+    def observe_links(self, snapshot: Snapshot) -> None:
+        """Called by the netlink monitor with every new snapshot."""
+        before = self.links
+        self.links = snapshot
+        if before is not None and self._relevant(before) == self._relevant(snapshot):
+            return
+        self._links_dirty = True
+        if self._relink is None or self._relink.done():
+            self._relink = asyncio.create_task(self._follow_links(), name="relink")
+
+    async def _follow_links(self) -> None:
+        while self._links_dirty:  # events that came in meanwhile get one more pass
+            self._links_dirty = False
+            await self.reconcile("interfaces changed")
+
+    def _relevant(self, snapshot: Snapshot) -> dict[str, Link]:
+        names = {s.input.interface for s in self.rules} | {
+            d.interface for s in self.rules for d in s.destinations() if d.interface
+        }
+        return {n: link for n, link in snapshot.items() if n in names}
+
+    def _link(self, name: str) -> Link | None:
+        if self.links is None:  # no netlink (yet): ask the kernel directly
             try:
-                sock = self.out_socks[key] = netio.open_output_socket(dest.interface, dest.ttl)
-            except OSError as exc:
-                self.out_reasons[key] = describe_os_error(exc)
-                log.warning("output %s unavailable: %s", dest, self.out_reasons[key])
-        return OutputBinding(dest, sock, self.out_reasons.get(key, ""))
+                return Link(netio.ifindex(name), name, True)
+            except OSError:
+                return None
+        return self.links.get(name)
 
-    def _open_port(self, interface: str, specs: list[RuleSpec]) -> InputPort:
-        port = InputPort(
-            interface, [RuleBinding(s, [self._output(d) for d in s.destinations()]) for s in specs]
-        )
-        try:
-            program, port.precision = compile_filter(port.filter_entries())
-            port.packet_sock = netio.open_packet_socket(interface, program)
-            for spec in specs:
-                i = spec.input
-                if is_multicast(i.group):
-                    port.holds.append(netio.join_group(interface, i.group, i.source))
+    # -- reconcile ----------------------------------------------------------
+
+    async def apply(self, rules: list[RuleSpec]) -> None:
+        self.rules = rules
+        await self.reconcile("rules changed")
+
+    async def reconcile(self, why: str) -> None:
+        async with self._lock:
+            if self.stopping:
+                return
+            log.debug("reconciling: %s", why)
+            self._open_outputs()
+            wanted: dict[str, list[RuleSpec]] = {}
+            for spec in self.rules:
+                wanted.setdefault(spec.input.interface, []).append(spec)
+            for name in [n for n in self.ports if n not in wanted]:
+                await self._close_port(self.ports.pop(name), "no rules")
+            for name, specs in wanted.items():
+                port = self.ports.setdefault(name, InputPort(name))
+                port.rules = specs
+                link = self._link(name)
+                if link is None:
+                    if port.open:
+                        log.warning("input %s: interface is gone; its rules are pending", name)
+                    await self._close_port(port, f"no interface named {name!r}")
+                elif port.open and port.ifindex == link.index:
+                    await self._update_port(port)
                 else:
-                    sink = netio.open_sink(i.group, i.port)
-                    if sink is not None:
-                        port.holds.append(sink)
-        except OSError as exc:
-            port.close()
-            port.reason = describe_os_error(exc)
-            port.state = "pending"
-            log.warning("input %s: %s; its %d rule(s) are pending", interface, port.reason, len(specs))
-        if port.precision < 2:
-            log.info(
-                "input %s: %d rules exceed an exact kernel filter; matching the rest in the worker",
-                interface,
-                len(specs),
-            )
-        return port
+                    if port.open:
+                        log.warning(
+                            "input %s: interface was replaced (index %s -> %s)",
+                            name,
+                            port.ifindex,
+                            link.index,
+                        )
+                        await self._close_port(port, "interface replaced")
+                    self._open_port(port, link)
+            self._close_unused_outputs()
 
-    async def start(self) -> None:
-        by_interface: dict[str, list[RuleSpec]] = {}
+    def _open_outputs(self) -> None:
         for spec in self.rules:
-            by_interface.setdefault(spec.input.interface, []).append(spec)
-        for interface, specs in by_interface.items():
-            port = self.ports[interface] = self._open_port(interface, specs)
-            if port.packet_sock is not None:
-                port.task = asyncio.create_task(self._keep_worker(port), name=f"worker-{interface}")
-        waits = [p.settled.wait() for p in self.ports.values() if p.task is not None]
-        if waits:
-            await asyncio.gather(*waits)
-        self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
+            for dest in spec.destinations():
+                key = (dest.interface, dest.ttl)
+                current = self.outputs.get(key)
+                link = self._link(dest.interface) if dest.interface else None
+                if dest.interface is not None and link is None:
+                    if current is not None and current.sock is not None:
+                        current.sock.close()
+                    self.outputs[key] = OutputSocket(None, None, f"no interface named {dest.interface!r}")
+                    continue
+                index = link.index if link else None
+                if current is not None and current.sock is not None and current.ifindex == index:
+                    continue
+                if current is not None and current.sock is not None:
+                    current.sock.close()
+                try:
+                    self.outputs[key] = OutputSocket(
+                        netio.open_output_socket(dest.interface, dest.ttl), index
+                    )
+                except OSError as exc:
+                    self.outputs[key] = OutputSocket(None, None, describe_os_error(exc))
+                    log.warning("output %s unavailable: %s", dest, self.outputs[key].reason)
 
-    # -- workers ---------------------------------------------------------
+    def _close_unused_outputs(self) -> None:
+        used = {(d.interface, d.ttl) for s in self.rules for d in s.destinations()}
+        for key in [k for k in self.outputs if k not in used]:
+            out = self.outputs.pop(key)
+            if out.sock is not None:
+                out.sock.close()
 
-    def _configure_message(self, port: InputPort) -> tuple[dict[str, Any], list[int]]:
+    def _open_port(self, port: InputPort, link: Link) -> None:
+        try:
+            program, port.precision = compile_filter(filter_entries(port.rules))
+            port.packet_sock = netio.open_packet_socket(port.interface, program)
+            port.programmed = filter_entries(port.rules)
+            port.ifindex = link.index
+            self._sync_holds(port)
+        except OSError as exc:
+            self._close_sockets(port)
+            port.state, port.reason = "pending", describe_os_error(exc)
+            port.settled.set()
+            log.warning(
+                "input %s: %s; its %d rule(s) are pending", port.interface, port.reason, len(port.rules)
+            )
+            return
+        port.state, port.reason = "starting", ""
+        port.sent = None
+        port.settled.clear()
+        port.task = asyncio.create_task(self._keep_worker(port), name=f"worker-{port.interface}")
+
+    def _sync_holds(self, port: InputPort) -> None:
+        """Join the groups and hold the unicast ports the port's rules need, and no others."""
+        groups = {(s.input.group, s.input.source) for s in port.rules if is_multicast(s.input.group)}
+        for group, source in groups - port.memberships.keys():
+            port.memberships[group, source] = netio.join_group(port.interface, group, source)
+        for stale in port.memberships.keys() - groups:
+            port.memberships.pop(stale).close()  # leaves the group
+        unicast = {(s.input.group, s.input.port) for s in port.rules if not is_multicast(s.input.group)}
+        for address, number in unicast - port.sinks.keys():
+            port.sinks[address, number] = netio.open_sink(address, number)
+        for unused in port.sinks.keys() - unicast:
+            sink = port.sinks.pop(unused)
+            if sink is not None:
+                sink.close()
+
+    async def _update_port(self, port: InputPort) -> None:
+        """Converge an open port on its rules without disturbing the unchanged ones."""
+        new = filter_entries(port.rules)
+        assert port.packet_sock is not None
+        try:
+            self._sync_holds(port)
+        except OSError as exc:
+            log.error("input %s: %s", port.interface, describe_os_error(exc))
+        if new != port.programmed:
+            # Narrow first (nothing the new table lacks reaches the worker),
+            # swap the worker's table, then widen to the new rules.
+            program, _ = compile_filter(port.programmed & new)
+            netio.attach_filter(port.packet_sock, program)
+        await self._push_config(port)
+        if new != port.programmed:
+            program, port.precision = compile_filter(new)
+            netio.attach_filter(port.packet_sock, program)
+            port.programmed = new
+        port.prune_counters()
+
+    def _close_sockets(self, port: InputPort) -> None:
+        for sock in port.memberships.values():
+            sock.close()
+        port.memberships.clear()
+        for sink in port.sinks.values():
+            if sink is not None:
+                sink.close()
+        port.sinks.clear()
+        if port.packet_sock is not None:
+            port.packet_sock.close()
+            port.packet_sock = None
+        port.ifindex = None
+        port.programmed = set()
+
+    async def _close_port(self, port: InputPort, reason: str) -> None:
+        if port.task is not None:
+            port.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await port.task
+            port.task = None
+        worker = port.live_worker()
+        if worker is not None:
+            await self._sample(port)
+            await worker.stop()
+        port.worker = None
+        port.carry_counters()
+        self._close_sockets(port)
+        port.state, port.reason = "pending", reason
+        port.settled.set()
+
+    # -- workers -------------------------------------------------------------
+
+    def _configure_message(self, port: InputPort) -> tuple[dict[str, Any], list[int], Any]:
         assert port.packet_sock is not None
         fds = [port.packet_sock.fileno()]
         index: dict[int, int] = {}
         rules = []
-        for rb in port.rules:
+        for spec in port.rules:
             outs = []
-            for ob in rb.outputs:
-                if ob.sock is None:
+            for dest in spec.destinations():
+                out = self.outputs.get((dest.interface, dest.ttl))
+                if out is None or out.sock is None:
                     continue
-                fd = ob.sock.fileno()
+                fd = out.sock.fileno()
                 if fd not in index:
                     index[fd] = len(fds)
                     fds.append(fd)
-                d = ob.destination
-                outs.append({"fd": index[fd], "group": d.group, "port": d.port, "label": ob.label})
-            i = rb.spec.input
+                outs.append(
+                    {
+                        "fd": index[fd],
+                        "group": dest.group,
+                        "port": dest.port,
+                        "label": str(dest),
+                        "sock": id(out.sock),
+                    }
+                )
+            i = spec.input
             rules.append(
-                {
-                    "key": str(rb.spec.key),
-                    "group": i.group,
-                    "port": i.port,
-                    "source": i.source,
-                    "outputs": outs,
-                }
+                {"key": str(spec.key), "group": i.group, "port": i.port, "source": i.source, "outputs": outs}
             )
-        return {"op": "configure", "packet_fd": 0, "rules": rules}, fds
+        signature = (id(port.packet_sock), repr(rules))
+        return {"op": "configure", "packet_fd": 0, "rules": rules}, fds, signature
+
+    async def _push_config(self, port: InputPort) -> None:
+        worker = port.live_worker()
+        if worker is None:
+            return
+        message, fds, signature = self._configure_message(port)
+        if signature == port.sent:
+            return
+        try:
+            await worker.request(message, fds, timeout=CONFIGURE_TIMEOUT)
+            port.sent = signature
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.error(
+                "input %s: worker %d did not take its new rules (%s); restarting it",
+                port.interface,
+                worker.pid,
+                exc,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
 
     async def _spawn(self, port: InputPort) -> WorkerLink:
         ours, theirs = channel.socketpair()
@@ -309,8 +499,9 @@ class Supervisor:
             theirs.close()
         link = WorkerLink(process, ours)
         try:
-            message, fds = self._configure_message(port)
+            message, fds, signature = self._configure_message(port)
             await link.request(message, fds, timeout=CONFIGURE_TIMEOUT)
+            port.sent = signature
         except BaseException:
             link.close()
             with contextlib.suppress(ProcessLookupError):
@@ -332,19 +523,18 @@ class Supervisor:
             else:
                 port.state, port.reason = "active", ""
                 port.settled.set()
+                worker = port.worker
                 log.info(
-                    "input %s: worker %d relaying %d rule(s)",
-                    port.interface,
-                    port.worker.pid,
-                    len(port.rules),
+                    "input %s: worker %d relaying %d rule(s)", port.interface, worker.pid, len(port.rules)
                 )
-                status = await port.worker.process.wait()
-                port.worker.close()
+                await self._push_config(port)  # rules may have changed while it started
+                status = await worker.process.wait()
+                worker.close()
                 if self.stopping:
                     return
-                self._carry_counters(port)
+                port.carry_counters()
                 port.state = "restarting"
-                port.reason = f"worker {port.worker.pid} exited with status {status}"
+                port.reason = f"worker {worker.pid} exited with status {status}"
                 port.restarts += 1
                 log.error("input %s: %s", port.interface, port.reason)
             failures = 1 if time.monotonic() - began > STABLE_AFTER else failures + 1
@@ -352,52 +542,83 @@ class Supervisor:
             log.info("input %s: restarting its worker in %.1fs", port.interface, delay)
             await asyncio.sleep(delay)
 
-    def _carry_counters(self, port: InputPort) -> None:
-        if port.samples:
-            port.carried = add_counters(port.carried, port.samples[-1][1])
-        port.samples.clear()
-
     async def _sample(self, port: InputPort) -> None:
-        if port.worker is None or port.worker.closed:
+        worker = port.live_worker()
+        if worker is None:
             return
         try:
-            reply = await port.worker.request({"op": "stats"})
+            reply = await worker.request({"op": "stats"})
         except (TimeoutError, ConnectionError, OSError):
+            if time.monotonic() - worker.last_heard > self.worker_timeout:
+                log.error(
+                    "input %s: worker %d has not answered for %.0fs; killing it",
+                    port.interface,
+                    worker.pid,
+                    self.worker_timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
             return
-        port.samples = [*port.samples[-1:], (time.monotonic(), reply)]
+        if port.worker is worker:
+            port.samples = [*port.samples[-1:], (time.monotonic(), reply)]
 
     async def sample_all(self) -> None:
-        await asyncio.gather(*(self._sample(p) for p in self.ports.values()))
+        await asyncio.gather(*(self._sample(p) for p in list(self.ports.values())))
 
     async def _sample_forever(self) -> None:
         while True:
             await self.sample_all()
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    # -- views for the control socket --------------------------------------
+    def workers_healthy(self) -> bool:
+        """Every running worker has answered recently (the watchdog's condition)."""
+        now = time.monotonic()
+        return all(
+            now - w.last_heard < LATE_AFTER for p in self.ports.values() if (w := p.live_worker()) is not None
+        )
+
+    async def start(self) -> None:
+        await self.reconcile("start")
+        await asyncio.gather(*(p.settled.wait() for p in self.ports.values()))
+        self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
+
+    # -- views for the control socket ------------------------------------------
+
+    def rule_state(self, spec: RuleSpec) -> tuple[str, str]:
+        port = self.ports.get(spec.input.interface)
+        if port is None:
+            return "pending", "not applied yet"
+        if port.state == "active":
+            link = self._link(port.interface)
+            return ("active", "") if link is None or link.up else ("active", "interface is down")
+        return port.state, port.reason
+
+    def output_state(self, dest: Destination) -> tuple[str, str]:
+        out = self.outputs.get((dest.interface, dest.ttl))
+        if out is None or out.sock is None:
+            return "pending", out.reason if out else "not opened yet"
+        link = self._link(dest.interface) if dest.interface else None
+        if link is not None and not link.up:
+            return "down", "interface is down"
+        return "active", ""
 
     def rule_views(self) -> list[dict[str, Any]]:
         views = []
         for spec in self.rules:
-            port = self.ports[spec.input.interface]
-            binding = next(rb for rb in port.rules if rb.spec is spec)
-            state = "active" if port.state == "active" else "pending"
+            state, reason = self.rule_state(spec)
+            outputs = []
+            for dest in spec.destinations():
+                ostate, oreason = self.output_state(dest)
+                outputs.append({"destination": str(dest), "state": ostate, "reason": oreason})
             views.append(
                 {
                     "name": spec.name,
                     "key": str(spec.key),
                     "origin": "file",
                     "input": spec.input.model_dump(),
-                    "outputs": [
-                        {
-                            "destination": ob.label,
-                            "state": "pending" if ob.sock is None else "active",
-                            "reason": ob.reason,
-                        }
-                        for ob in binding.outputs
-                    ],
+                    "outputs": outputs,
                     "state": state,
-                    "reason": port.reason if state != "active" else "",
+                    "reason": reason,
                 }
             )
         return views
@@ -414,24 +635,25 @@ class Supervisor:
                 for key, c in s1["rules"].items():
                     prev = s0["rules"].get(key, {"packets": 0, "bytes": 0})
                     rate[key] = ((c["packets"] - prev["packets"]) / dt, (c["bytes"] - prev["bytes"]) * 8 / dt)
+            worker = port.live_worker()
             interfaces.append(
                 {
                     "interface": port.interface,
-                    "worker": port.worker.pid if port.worker and not port.worker.closed else None,
+                    "worker": worker.pid if worker else None,
                     "state": port.state,
                     "filter": ["udp", "groups", "exact"][port.precision],
                     "received": counters["received"],
                     "drops": counters["drops"],
                 }
             )
-            for rb in port.rules:
-                key = str(rb.spec.key)
+            for spec in port.rules:
+                key = str(spec.key)
                 c = counters["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
                 by_dest = {o["destination"]: o for o in c["outputs"]}
                 pps, bps = rate.get(key, (0.0, 0.0))
                 rules.append(
                     {
-                        "name": rb.spec.name,
+                        "name": spec.name,
                         "key": key,
                         "packets": c["packets"],
                         "bytes": c["bytes"],
@@ -439,56 +661,59 @@ class Supervisor:
                         "bps": round(bps, 1),
                         "outputs": [
                             by_dest.get(
-                                ob.label,
+                                str(d),
                                 {
-                                    "destination": ob.label,
+                                    "destination": str(d),
                                     "packets": 0,
                                     "bytes": 0,
                                     "errors": 0,
-                                    "last_error": ob.reason,
+                                    "last_error": "",
                                 },
                             )
-                            for ob in rb.outputs
+                            for d in spec.destinations()
                         ],
                     }
                 )
         return {"rules": rules, "interfaces": interfaces}
 
     def worker_views(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "interface": p.interface,
-                "pid": p.worker.pid if p.worker and not p.worker.closed else None,
-                "state": p.state,
-                "reason": p.reason,
-                "restarts": p.restarts,
-                "rules": len(p.rules),
-            }
-            for p in self.ports.values()
-        ]
+        views = []
+        for p in self.ports.values():
+            worker = p.live_worker()
+            views.append(
+                {
+                    "interface": p.interface,
+                    "pid": worker.pid if worker else None,
+                    "state": p.state,
+                    "reason": p.reason,
+                    "restarts": p.restarts,
+                    "rules": len(p.rules),
+                    "last_heard": round(time.monotonic() - worker.last_heard, 1) if worker else None,
+                }
+            )
+        return views
 
-    # -- stopping ----------------------------------------------------------
+    def counts(self) -> tuple[int, int]:
+        """(active, pending) rules."""
+        active = sum(1 for s in self.rules if self.rule_state(s)[0] == "active")
+        return active, len(self.rules) - active
+
+    # -- stopping ----------------------------------------------------------------
 
     async def stop(self) -> None:
         self.stopping = True
-        if self._sampler is not None:
-            self._sampler.cancel()
-        links = [p.worker for p in self.ports.values() if p.worker is not None and not p.worker.closed]
-        for link in links:
-            link.notify({"op": "stop"})
-        for port in self.ports.values():
-            if port.task is not None:
-                port.task.cancel()
-        for link in links:
-            try:
-                await asyncio.wait_for(link.process.wait(), 1.0)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    link.process.kill()
-                await link.process.wait()
-            link.close()
-        for port in self.ports.values():
-            port.close()
-        for sock in self.out_socks.values():
-            sock.close()
-        self.out_socks.clear()
+        for task in (self._sampler, self._relink):
+            if task is not None:
+                task.cancel()
+        async with self._lock:
+            workers = [w for p in self.ports.values() if (w := p.live_worker()) is not None]
+            for port in self.ports.values():
+                if port.task is not None:
+                    port.task.cancel()
+            await asyncio.gather(*(w.stop() for w in workers))
+            for port in self.ports.values():
+                self._close_sockets(port)
+            for out in self.outputs.values():
+                if out.sock is not None:
+                    out.sock.close()
+            self.outputs.clear()

@@ -91,11 +91,29 @@ class Worker:
             sock.close()
         self.owned = socks
         self.packet_sock = socks[message["packet_fd"]]
+        # Counters follow a rule (by key) and an output (by destination)
+        # across reconfigurations: a reload does not reset what was counted.
+        old_rules = {r.key: r for r in self.rules}
         rules: list[Rule] = []
         table: dict[tuple[int, int], dict[int | None, Rule]] = {}
         for spec in message["rules"]:
-            outputs = [Output(socks[o["fd"]], o["group"], o["port"], o["label"]) for o in spec["outputs"]]
+            old = old_rules.get(spec["key"])
+            old_outputs = {o.label: o for o in old.outputs} if old else {}
+            outputs = []
+            for o in spec["outputs"]:
+                out = Output(socks[o["fd"]], o["group"], o["port"], o["label"])
+                prev = old_outputs.get(out.label)
+                if prev is not None:
+                    out.packets, out.octets, out.errors, out.last_error = (
+                        prev.packets,
+                        prev.octets,
+                        prev.errors,
+                        prev.last_error,
+                    )
+                outputs.append(out)
             rule = Rule(spec["key"], outputs)
+            if old is not None:
+                rule.packets, rule.octets = old.packets, old.octets
             rules.append(rule)
             source = ip_to_int(spec["source"]) if spec["source"] else None
             table.setdefault((ip_to_int(spec["group"]), spec["port"]), {})[source] = rule
@@ -146,10 +164,9 @@ class Worker:
                 size = recv_into(buf)
             except BlockingIOError:
                 return False
-            except OSError as exc:
-                if exc.errno == errno.ENETDOWN:  # interface went down; frames stop
-                    return False
-                raise
+            except OSError as exc:  # ENETDOWN when the link goes down: frames just stop
+                log.warning("receive: %s", exc.strerror or exc)
+                return False
             self.received += 1
             dgram = parse(buf, size)
             if dgram.__class__ is str:
@@ -180,25 +197,23 @@ class Worker:
 
     def run(self) -> None:
         poller = select.poll()
-        poller.register(self.chan, select.POLLIN)
-        registered: socket.socket | None = None
+        chan_fd = self.chan.fileno()
+        poller.register(chan_fd, select.POLLIN)
+        registered = -1  # by number: a reconfiguration replaces the descriptor
         while self.running:
-            if self.packet_sock is not registered:
-                if registered is not None:
+            wanted = self.packet_sock.fileno() if self.packet_sock is not None else -1
+            if wanted != registered:
+                if registered >= 0:
                     poller.unregister(registered)
-                if self.packet_sock is not None:
-                    poller.register(self.packet_sock, select.POLLIN)
-                registered = self.packet_sock
+                if wanted >= 0:
+                    poller.register(wanted, select.POLLIN)
+                registered = wanted
             for fd, events in poller.poll(1000):
-                if fd == self.chan.fileno():
+                if fd == chan_fd:
                     self.handle_channel()
-                elif events & select.POLLIN:
+                elif fd == registered and events & (select.POLLIN | select.POLLERR):
                     while self.drain() and not _readable(self.chan):
                         pass
-                elif events & (select.POLLERR | select.POLLNVAL):
-                    log.error("receive socket failed (events %#x); waiting for the supervisor", events)
-                    poller.unregister(fd)
-                    registered = self.packet_sock = None
                 if not self.running:
                     break
 
