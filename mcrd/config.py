@@ -18,10 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mcrd.defaults import DEFAULT_CONTROL_SOCKET
 from mcrd.rules import RuleSpec, check_rule_set, rule_label
-
-DEFAULT_CONFIG = Path("/etc/mcr.toml")
-DEFAULT_CONTROL_SOCKET = Path("/run/mcr/control.sock")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -33,6 +31,8 @@ class DaemonOptions(BaseModel):
 
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     log_level: LogLevel = "info"
+    #: reload when the rule file changes (SIGHUP and `mcrctl reload` work either way)
+    watch: bool = True
     #: seconds a worker may go without answering before it is killed and restarted
     worker_timeout: float = Field(default=10.0, ge=1.0, le=3600.0)
 

@@ -10,14 +10,15 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from mcrd import __version__
-from mcrd.config import DEFAULT_CONTROL_SOCKET
 from mcrd.control import ControlError, call
+from mcrd.defaults import DEFAULT_CONTROL_SOCKET
 
-EX_OK, EX_ERROR, EX_USAGE, EX_UNREACHABLE = 0, 1, 2, 3
+EX_OK, EX_ERROR, EX_USAGE, EX_UNREACHABLE, EX_UNCHANGED = 0, 1, 2, 3, 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="every rule with its state")
     sub.add_parser("stats", help="per-rule and per-output counters")
     sub.add_parser("workers", help="worker processes")
+    sub.add_parser(
+        "reload",
+        help="re-read the rule file and apply it; waits for the outcome "
+        "(exit 0 applied, 4 unchanged, 1 rejected)",
+    )
     return p
 
 
@@ -109,17 +115,33 @@ def show_workers(result: dict[str, Any]) -> str:
     )
 
 
+def show_reload(result: dict[str, Any]) -> str:
+    if result["result"] == "rejected":
+        return "\n".join(["rejected, running rules kept:", *(f"  {e}" for e in result["errors"])])
+    if result["result"] == "unchanged":
+        return f"unchanged ({result['rules']} rule(s))"
+    lines = [f"applied ({result['rules']} rule(s))"]
+    for what in ("added", "removed", "changed"):
+        if result[what]:
+            lines.append(f"  {what}: {', '.join(result[what])}")
+    return "\n".join(lines)
+
+
 def show_status(result: dict[str, Any]) -> str:
     config = result["config"] + (" (missing)" if result["config_missing"] else "")
     restarts = sum(w["restarts"] for w in result["workers"])
-    return "\n".join(
-        [
-            f"mcrd {result['version']}, pid {result['pid']}",
-            f"config:  {config}",
-            f"rules:   {result['rules']} ({result['active']} active, {result['pending']} pending)",
-            f"workers: {len(result['workers'])} ({restarts} restarts)",
-        ]
-    )
+    lines = [
+        f"mcrd {result['version']}, pid {result['pid']}",
+        f"config:  {config}",
+        f"rules:   {result['rules']} ({result['active']} active, {result['pending']} pending)",
+        f"workers: {len(result['workers'])} ({restarts} restarts)",
+    ]
+    last = result.get("last_reload")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+        lines.append(f"reload:  {last['result']} at {when} ({', '.join(last['triggers'])})")
+        lines.extend(f"         {e}" for e in last["errors"])
+    return "\n".join(lines)
 
 
 SHOW = {
@@ -129,6 +151,7 @@ SHOW = {
     "list": show_list,
     "stats": show_stats,
     "workers": show_workers,
+    "reload": show_reload,
 }
 
 
@@ -153,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(SHOW[args.command](result))
+    if args.command == "reload":
+        return {"applied": EX_OK, "unchanged": EX_UNCHANGED}.get(result["result"], EX_ERROR)
     return EX_OK
 
 

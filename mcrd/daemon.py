@@ -20,8 +20,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from mcrd import __version__
-from mcrd.config import DEFAULT_CONFIG, ConfigError, DaemonSettings, LoadedConfig, load_config, read_rule_file
+from mcrd.config import ConfigError, DaemonSettings, LoadedConfig, load_config, read_rule_file
 from mcrd.control import ControlServer, Handler
+from mcrd.defaults import DEFAULT_CONFIG
 from mcrd.links import LinkMonitor, Snapshot
 from mcrd.notify import Systemd, watchdog_interval
 from mcrd.reload import Reloader, watch_file
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-l", "--log-level", choices=["debug", "info", "warning", "error"], default=None)
     p.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not reload when the rule file changes (SIGHUP and mcrctl reload still do)",
+    )
+    p.add_argument(
         "-t",
         "--check",
         action="store_true",
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     path = config_path(args.config)
     try:
         loaded = load_config(path, missing_ok=not args.check)
-        cli = {"control_socket": args.control_socket, "log_level": args.log_level}
+        cli = {"control_socket": args.control_socket, "log_level": args.log_level, "watch": args.watch}
         settings = DaemonSettings.resolve(cli, loaded.daemon)
     except ConfigError as exc:
         for line in exc.errors:
@@ -166,9 +175,10 @@ async def run(settings: DaemonSettings, loaded: LoadedConfig, cli: dict[str, Any
         await supervisor.start()
         tasks = [
             asyncio.create_task(reloader.run(), name="reloader"),
-            asyncio.create_task(watch_file(loaded.path, reloader, stop), name="watcher"),
             asyncio.create_task(keep_alive(supervisor, systemd, status_line), name="keepalive"),
         ]
+        if settings.watch:
+            tasks.append(asyncio.create_task(watch_file(loaded.path, reloader, stop), name="watcher"))
         active, pending = supervisor.counts()
         log.info(
             "mcrd %s ready: %d rule(s) active, %d pending, control socket %s",
@@ -245,6 +255,8 @@ def control_handlers(
             "pending": pending,
             "workers": supervisor.worker_views(),
             "last_reload": reloader.last.as_dict() if reloader.last else None,
+            "reloads": reloader.count,
+            "watching": settings.watch,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
         }
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -89,7 +90,7 @@ class Receiver:
         with inside(ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: we are root
             self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             self.sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
             self.sock.bind((group, port))
@@ -139,6 +140,30 @@ class Receiver:
         self.sock.close()
 
 
+@contextmanager
+def collecting(*receivers: Receiver) -> Iterator[None]:
+    """Keep reading the receivers in a thread while the block runs, so their
+    socket buffers never overflow however long the block takes."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        socks = {r.sock: r for r in receivers}
+        while not stop.is_set():
+            ready, _, _ = select.select(list(socks), [], [], 0.05)
+            for sock in ready:
+                socks[sock].poll(0)
+
+    thread = threading.Thread(target=loop, name="collector", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        for r in receivers:
+            r.poll(0)
+
+
 class Sender:
     def __init__(self, ns: str, interface: str, ttl: int = 1, source: str | None = None) -> None:
         with inside(ns):
@@ -175,6 +200,20 @@ class Sender:
             if delay > 0:
                 time.sleep(delay)  # pacing the sender, not waiting for a result
             self.send(group, port, make_payload(stream, first + n, size))
+
+    def stream_until(
+        self, stop: threading.Event, group: str, port: int, stream: int, rate: float = 1000.0, size: int = 64
+    ) -> int:
+        """Send sequenced payloads at about `rate` per second until `stop`; returns how many."""
+        start = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            delay = start + n / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the sender, not waiting for a result
+            self.send(group, port, make_payload(stream, n, size))
+            n += 1
+        return n
 
     def close(self) -> None:
         self.sock.close()

@@ -86,6 +86,7 @@ class Reloader:
         self.before = before
         self.after = after
         self.last: Outcome | None = None
+        self.count = 0  # reloads done
         self.loaded = loaded
         self.seen: bytes | None = None  # the file's bytes at the last reload, for the watcher
         self._queued: asyncio.Future[Outcome] | None = None
@@ -114,6 +115,8 @@ class Reloader:
                 log.exception("reload failed")
                 outcome = Outcome("rejected", triggers, errors=[f"internal error: {exc}"])
             self.last = outcome
+            self.count += 1
+            self.after(outcome)
             if not future.done():
                 future.set_result(outcome)
 
@@ -129,7 +132,6 @@ class Reloader:
             outcome = Outcome("rejected", triggers, errors=exc.errors)
             for line in exc.errors:
                 log.error("reload rejected, running rules kept: %s", line)
-            self.after(outcome)
             return outcome
         diff = plan(self.running(), loaded.rules)
         settings_changed = self.loaded is None or loaded.daemon != self.loaded.daemon
@@ -142,11 +144,16 @@ class Reloader:
         else:
             await self.apply(loaded)
             summary = diff.summary()
-            outcome = Outcome("applied", triggers, summary["added"], summary["removed"], summary["changed"],
-                              rules=len(loaded.rules))
+            outcome = Outcome(
+                "applied",
+                triggers,
+                summary["added"],
+                summary["removed"],
+                summary["changed"],
+                rules=len(loaded.rules),
+            )
         self.loaded = loaded
         log.info("reload (%s): %s", ", ".join(triggers), outcome.describe())
-        self.after(outcome)
         return outcome
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 class Daemon:
     """A real mcrd process in a namespace, on its own control socket."""
 
-    def __init__(self, ns: str, config: Path, workdir: Path) -> None:
+    def __init__(self, ns: str, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.ns = ns
+        self.env = env
         self.config = config
         self.socket = workdir / "control.sock"
         self.log = workdir / "mcrd.log"
@@ -79,6 +81,7 @@ class Daemon:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(self.env or {})},
             )
         wait_until(self.answers, what="mcrd to answer on its control socket")
         if wait_active:
@@ -125,3 +128,37 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for d in started:
         d.stop()
+
+
+@dataclass
+class Net:
+    lab: Lab
+    src: str
+    relay: str
+    dst1: str
+    dst2: str
+
+
+@pytest.fixture
+def net(lab: Lab) -> Net:
+    src, relay, dst1, dst2 = (lab.netns(r) for r in ("src", "relay", "dst1", "dst2"))
+    lab.link(src, "eth0", relay, "in0", "192.0.2.10/24", "192.0.2.1/24")
+    lab.link(relay, "out0", dst1, "eth0", "198.51.100.1/24", "198.51.100.2/24")
+    lab.link(relay, "out1", dst2, "eth0", "203.0.113.1/25", "203.0.113.2/25")
+    return Net(lab, src, relay, dst1, dst2)
+
+
+def start_mcrd(
+    net: Net,
+    tmp_path: Path,
+    daemons: list[Daemon],
+    rules: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    wait_active: bool = True,
+) -> Daemon:
+    config = tmp_path / "mcr.toml"
+    config.write_text(rules)
+    daemon = Daemon(net.relay, config, tmp_path, env=env)
+    daemons.append(daemon)
+    return daemon.start(*extra, wait_active=wait_active)

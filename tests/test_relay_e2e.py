@@ -15,42 +15,15 @@ import os
 import signal
 import socket
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Lab, Receiver, Sender, inside, make_payload
+from mcrd.lab import Receiver, Sender, inside, make_payload
 
-from .conftest import Daemon, mcrctl, mcrctl_json, needs_root, wait_until
+from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
-
-
-@dataclass
-class Net:
-    lab: Lab
-    src: str
-    relay: str
-    dst1: str
-    dst2: str
-
-
-@pytest.fixture
-def net(lab: Lab) -> Net:
-    src, relay, dst1, dst2 = (lab.netns(r) for r in ("src", "relay", "dst1", "dst2"))
-    lab.link(src, "eth0", relay, "in0", "192.0.2.10/24", "192.0.2.1/24")
-    lab.link(relay, "out0", dst1, "eth0", "198.51.100.1/24", "198.51.100.2/24")
-    lab.link(relay, "out1", dst2, "eth0", "203.0.113.1/25", "203.0.113.2/25")
-    return Net(lab, src, relay, dst1, dst2)
-
-
-def start_mcrd(net: Net, tmp_path: Path, daemons: list[Daemon], rules: str) -> Daemon:
-    config = tmp_path / "mcr.toml"
-    config.write_text(rules)
-    daemon = Daemon(net.relay, config, tmp_path)
-    daemons.append(daemon)
-    return daemon.start()
 
 
 def assert_stream(
@@ -292,10 +265,16 @@ def test_killed_worker_is_restarted_and_the_stream_resumes(
     assert daemon.rule_stats("camera")["packets"] >= 200
 
 
-def test_frames_the_relay_sent_are_never_relayed_again(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_frames_the_relay_sent_are_never_relayed_again(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
     # Rule "back" republishes into the input segment itself, onto the group
     # that rule "onward" takes: what "back" sends must not reach "onward".
-    daemon = start_mcrd(net, tmp_path, daemons, """
+    daemon = start_mcrd(
+        net,
+        tmp_path,
+        daemons,
+        """
 [[rule]]
 name = "back"
 input = { interface = "in0", group = "239.1.1.1", port = 5000 }
@@ -305,7 +284,8 @@ outputs = [ { interface = "in0", group = "239.1.1.2" } ]
 name = "onward"
 input = { interface = "in0", group = "239.1.1.2", port = 5000 }
 outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
-""")
+""",
+    )
     in_segment = Receiver(net.src, "239.1.1.2", 5000, "eth0")
     onward = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     tx = Sender(net.src, "eth0")
