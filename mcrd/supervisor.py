@@ -370,8 +370,9 @@ class Supervisor:
         for stale in port.memberships.keys() - groups:
             port.memberships.pop(stale).close()  # leaves the group
         unicast = {(s.input.group, s.input.port) for s in port.rules if not is_multicast(s.input.group)}
-        for address, number in unicast - port.sinks.keys():
-            port.sinks[address, number] = netio.open_sink(address, number)
+        for address, number in unicast:
+            if port.sinks.get((address, number)) is None:  # new, or its address was not local before
+                port.sinks[address, number] = netio.open_sink(address, number)
         for unused in port.sinks.keys() - unicast:
             sink = port.sinks.pop(unused)
             if sink is not None:

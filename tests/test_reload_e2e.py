@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, collecting
+from mcrd.lab import Receiver, Sender, collecting, make_payload
 
 from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
@@ -433,3 +434,60 @@ outputs = [
     lab.ip(net.relay, "link", "set", "out0", "up")
     wait_until(lambda: outputs()[0] == "active", what="link up to show")
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_a_removed_file_means_no_rules_until_it_returns(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = start_mcrd(net, tmp_path, daemons, x_rule())
+    count, _ = reloads(daemon)
+    daemon.config.unlink()
+    outcome = wait_reload(daemon, count)
+    assert outcome["result"] == "applied" and outcome["removed"] == ["x"]
+    assert mcrctl_json(daemon.socket, "status")["config_missing"]
+    assert mcrctl(daemon.socket, "list").stdout.strip() == "no rules"
+    assert "does not exist: running with no rules from it" in daemon.log.read_text()
+    assert "missing" in mcrctl(daemon.socket, "status").stdout
+    daemon.config.write_text(x_rule())
+    assert wait_reload(daemon, count + 1)["added"] == ["x"]
+    wait_until(daemon.all_active, what="the restored rule")
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=7, count=50)
+    assert rx.wait_for(lambda a: len(rx.seqs(7)) == 50)
+
+
+def test_a_unicast_input_address_that_appears_later(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = start_mcrd(
+        net,
+        tmp_path,
+        daemons,
+        """
+[[rule]]
+name = "u"
+input = { interface = "in0", group = "192.0.2.77", port = 5000 }
+outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
+""",
+    )
+
+    def held() -> bool:
+        listening = subprocess.run(
+            ["ip", "netns", "exec", net.relay, "ss", "-Hlun", "sport = :5000"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return "192.0.2.77:5000" in listening
+
+    assert not held()  # not an address of the host yet
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    net.lab.ip(net.relay, "addr", "add", "192.0.2.77/32", "dev", "in0")
+    wait_until(held, what="mcrd to hold the port of the new address")
+    tx = Sender(net.src, "eth0", ttl=64)
+    tx.sock.connect(("192.0.2.77", 5000))
+    for n in range(50):
+        tx.sock.send(make_payload(8, n))
+    assert rx.wait_for(lambda a: len(rx.seqs(8)) == 50)
+    tx.sock.settimeout(0.3)  # proving a negative: no port-unreachable comes back
+    with pytest.raises(TimeoutError):
+        tx.sock.recv(10)
+    assert daemon.rule_stats("u")["packets"] == 50
