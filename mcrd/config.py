@@ -31,6 +31,10 @@ class DaemonOptions(BaseModel):
 
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     log_level: LogLevel = "info"
+    #: the user and group workers run as; by default nobody (when mcrd runs as
+    #: root) or mcrd's own user, and that user's primary group
+    user: str | None = None
+    group: str | None = None
     #: reload when the rule file changes (SIGHUP and `mcrctl reload` work either way)
     watch: bool = True
     #: seconds a worker may go without answering before it is killed and restarted

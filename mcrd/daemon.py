@@ -26,6 +26,7 @@ from mcrd.control import ControlServer, Handler
 from mcrd.defaults import DEFAULT_CONFIG
 from mcrd.links import LinkMonitor, Snapshot
 from mcrd.notify import Systemd, watchdog_interval
+from mcrd.privdrop import resolve_identity
 from mcrd.reload import Reloader, watch_file
 from mcrd.supervisor import Supervisor
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="control socket path (default: [daemon] control_socket, /run/mcr/control.sock)",
     )
     p.add_argument("-l", "--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("-u", "--user", default=None, help="user the workers run as (default: nobody when root)")
+    p.add_argument("-g", "--group", default=None, help="group the workers run as (default: the user's)")
     p.add_argument(
         "--no-watch",
         dest="watch",
@@ -88,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     path = config_path(args.config)
     try:
         loaded = load_config(path, missing_ok=not args.check)
-        cli = {"control_socket": args.control_socket, "log_level": args.log_level, "watch": args.watch}
+        cli = {
+            "control_socket": args.control_socket,
+            "log_level": args.log_level,
+            "watch": args.watch,
+            "user": args.user,
+            "group": args.group,
+        }
         settings = DaemonSettings.resolve(cli, loaded.daemon)
+        identity = worker_identity(settings)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -100,28 +110,46 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors():
             print(f"mcrd: MCRD_{str(err['loc'][0]).upper()}: {err['msg']}", file=sys.stderr)
         return EX_CONFIG
+    except ValueError as exc:  # an unknown user or group
+        print(f"mcrd: {exc}", file=sys.stderr)
+        return EX_CONFIG
     if args.check:
         print(f"{path}: OK, {len(loaded.rules)} rule(s)")
         return EX_OK
+    # Libraries log every netlink message and file event at debug level: far
+    # too much for an operator, and watchfiles' own messages about the log
+    # file would feed back into the watcher when both share a directory.
+    for noisy in ("pyroute2", "watchfiles", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.basicConfig(
         level=settings.log_level.upper(),
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(run(settings, loaded, cli))
+        return asyncio.run(run(settings, loaded, cli, identity))
     except KeyboardInterrupt:
         return EX_OK
 
 
-async def run(settings: DaemonSettings, loaded: LoadedConfig, cli: dict[str, Any]) -> int:
+def worker_identity(settings: DaemonSettings) -> tuple[int, int]:
+    """(uid, gid) for the workers; ValueError naming what does not exist."""
+    user = settings.user
+    if user is None:
+        user = "nobody" if os.geteuid() == 0 else str(os.geteuid())
+    return resolve_identity(user, settings.group)
+
+
+async def run(
+    settings: DaemonSettings, loaded: LoadedConfig, cli: dict[str, Any], identity: tuple[int, int]
+) -> int:
     systemd = Systemd()
     if loaded.missing:
         log.warning("%s does not exist: running with no rules", loaded.path)
     elif not loaded.rules:
         log.warning("%s has no rules", loaded.path)
     loop = asyncio.get_running_loop()
-    supervisor = Supervisor(loaded.rules, worker_timeout=settings.worker_timeout)
+    supervisor = Supervisor(loaded.rules, identity, worker_timeout=settings.worker_timeout)
     first_links = asyncio.Event()
 
     def on_links(snapshot: Snapshot) -> None:

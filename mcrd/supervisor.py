@@ -229,8 +229,11 @@ class InputPort:
 
 
 class Supervisor:
-    def __init__(self, rules: list[RuleSpec], worker_timeout: float = 10.0) -> None:
+    def __init__(
+        self, rules: list[RuleSpec], identity: tuple[int, int], worker_timeout: float = 10.0
+    ) -> None:
         self.rules = rules
+        self.identity = identity  # (uid, gid) the workers run as
         self.worker_timeout = worker_timeout
         self.ports: dict[str, InputPort] = {}
         self.outputs: dict[tuple[str | None, int], OutputSocket] = {}
@@ -489,6 +492,10 @@ class Supervisor:
                 "-m",
                 "mcrd.worker",
                 str(theirs.fileno()),
+                "--uid",
+                str(self.identity[0]),
+                "--gid",
+                str(self.identity[1]),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,

@@ -9,6 +9,7 @@ and answers the supervisor; it exits when the channel closes.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 from mcrd import channel
 from mcrd.netio import packet_statistics
 from mcrd.packet import DROP_REASONS, Datagram, ip_to_int, parse
+from mcrd.privdrop import drop_privileges
 
 log = logging.getLogger("mcrd.worker")
 
@@ -223,13 +225,27 @@ def _readable(sock: socket.socket) -> bool:
     return bool(ready)
 
 
+EX_BOOT = 3  # the worker could not take up its post: the supervisor backs off
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="mcrd-worker", description="mcrd data-plane worker (started by mcrd)"
+    )
+    parser.add_argument("channel", type=int, help="descriptor of the channel to the supervisor")
+    parser.add_argument("--uid", type=int, required=True)
+    parser.add_argument("--gid", type=int, required=True)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="mcrd-worker[%(process)d]: %(message)s")
     # The supervisor stops us through the channel; a terminal's ^C goes to the
     # whole process group and must not kill the data path before it asks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    chan = socket.socket(fileno=int(args[0]))
+    try:
+        drop_privileges(args.uid, args.gid)
+    except OSError as exc:
+        log.error("cannot drop privileges to %d:%d: %s", args.uid, args.gid, exc.strerror or exc)
+        return EX_BOOT
+    chan = socket.socket(fileno=args.channel)
     Worker(chan).run()
     return 0
 
