@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mcrd.defaults import DEFAULT_CONTROL_SOCKET
+from mcrd.defaults import DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_RULES
 from mcrd.rules import RuleSpec, check_rule_set, rule_label
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -39,6 +39,18 @@ class DaemonOptions(BaseModel):
     watch: bool = True
     #: seconds a worker may go without answering before it is killed and restarted
     worker_timeout: float = Field(default=10.0, ge=1.0, le=3600.0)
+    #: group owning the control socket: its members may use read-only commands
+    socket_group: str | None = None
+    #: group whose members may also change state (add, remove, reload, ...)
+    admin_group: str | None = None
+    #: rules at most, from the file and added at run time together
+    max_rules: int = Field(default=1000, ge=1, le=100_000)
+    #: control clients connected at once
+    max_clients: int = Field(default=32, ge=1, le=10_000)
+    #: seconds a control client has to send a complete request
+    client_timeout: float = Field(default=5.0, gt=0, le=3600.0)
+    #: where `mcrctl config save` writes runtime rules; loaded at start
+    runtime_rules: Path = DEFAULT_RUNTIME_RULES
 
 
 class DaemonSettings(DaemonOptions, BaseSettings):
@@ -193,6 +205,7 @@ _KEYS: dict[str, list[str]] = {
     "rule": list(RuleSpec.model_fields),
     "input": ["interface", "group", "port", "source"],
     "output": ["interface", "group", "port", "ttl"],
+    "rate_limit": ["pps", "bps"],
 }
 
 _TOML_TYPES = {
@@ -218,6 +231,8 @@ def _context(loc: tuple[int | str, ...]) -> str:
         return "rule"
     if len(loc) == 4 and loc[2] == "input":
         return "input"
+    if len(loc) == 4 and loc[2] == "rate_limit":
+        return "rate_limit"
     return "output"
 
 
@@ -261,10 +276,24 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _format_error(path: Path, lines: _LineFinder, data: dict[str, Any], err: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(err["loc"])
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     # pydantic appends the name of an Annotated validator's function for unions; drop those.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    """Errors of one rule validated on its own (a runtime rule), by field."""
+    out = []
+    for err in exc.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        message = _describe(err, ("rule", 0, *loc))
+        where = _format_loc(loc)
+        out.append(f"{where}: {message}" if where else message)
+    return out
+
+
+def _format_error(path: Path, lines: _LineFinder, data: dict[str, Any], err: Any) -> str:
+    loc = _clean_loc(tuple(err["loc"]))
     message = _describe(err, loc)
     if len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
         index = loc[1]

@@ -22,14 +22,16 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("mcrd.control")
 
 PROTOCOL_VERSION = 1
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 1 << 20  # room for `config check` of a large rule file
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -72,16 +74,85 @@ def encode_error(code: str, message: str) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
+@dataclass(frozen=True)
+class Command:
+    handler: Handler
+    changes_state: bool = False
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do what. Root and mcrd's own user may do everything; members
+    of the admin group may change state; members of the socket group may
+    read. The socket's file mode keeps everyone else from connecting at all."""
+
+    own_uid: int
+    socket_gid: int | None = None
+    admin_gid: int | None = None
+    admin_group: str | None = None
+
+    def allows(self, peer: Peer, changes_state: bool) -> bool:
+        if peer.uid in (0, self.own_uid):
+            return True
+        if self.admin_gid is not None and self.admin_gid in peer.gids:
+            return True
+        return not changes_state and self.socket_gid is not None and self.socket_gid in peer.gids
+
+    def refusal(self, command: str) -> str:
+        who = "root" + (f" or a member of group {self.admin_group!r}" if self.admin_group else "")
+        return f"permission denied: {command!r} changes mcrd's state and needs {who}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_clients: int = 32
+    client_timeout: float = 5.0  # for a complete request, and for an idle connection
+
+
+SO_PEERGROUPS = 59
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    gids = {gid}
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        gids.update(struct.unpack(f"{len(raw) // 4}I", raw))
+    except OSError:  # kernels before 4.13: primary group only
+        pass
+    return Peer(pid, uid, frozenset(gids))
+
+
 class ControlServer:
-    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self, path: Path, commands: Mapping[str, Command], access: Access, limits: Limits = Limits()
+    ) -> None:
         self.path = path
-        self.handlers = handlers
+        self.commands = commands
+        self.access = access
+        self.limits = limits
         self.server: asyncio.Server | None = None
+        self.clients = 0
 
     async def start(self) -> None:
-        claim_socket_path(self.path)
-        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST)
-        os.chmod(self.path, 0o660)
+        claim_socket_path(self.path, self.access.socket_gid)
+        old = os.umask(0o077)  # no window in which the socket is more open than we make it
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+        if self.access.socket_gid is not None:
+            os.chown(self.path, -1, self.access.socket_gid)
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -92,47 +163,71 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients += 1
         try:
-            while True:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip():
-                        writer.write(encode_error("bad-request", "request must end with a newline"))
-                    break
-                except asyncio.LimitOverrunError:
-                    writer.write(encode_error("too-large", f"request exceeds {MAX_REQUEST} bytes"))
-                    break
-                writer.write(await self.dispatch(line))
-                await writer.drain()
+            if self.clients > self.limits.max_clients:
+                log.warning("control: refusing a client: %d already connected", self.limits.max_clients)
+                writer.write(
+                    encode_error("busy", f"too many clients: at most {self.limits.max_clients} at once")
+                )
+                return
+            peer = peer_of(writer.get_extra_info("socket"))
+            await self._converse(reader, writer, peer)
         except (ConnectionError, OSError):
             pass
         finally:
+            self.clients -= 1
             with contextlib.suppress(Exception):
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), 1.0)
             writer.close()
 
-    async def dispatch(self, line: bytes) -> bytes:
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.limits.client_timeout)
+            except TimeoutError:
+                writer.write(
+                    encode_error("timeout", f"no complete request within {self.limits.client_timeout:g}s")
+                )
+                return
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial.strip():
+                    writer.write(encode_error("bad-request", "request must end with a newline"))
+                return
+            except asyncio.LimitOverrunError:
+                writer.write(encode_error("too-large", f"request exceeds {MAX_REQUEST} bytes"))
+                return
+            writer.write(await self.dispatch(line, peer))
+            await asyncio.wait_for(writer.drain(), self.limits.client_timeout)
+
+    async def dispatch(self, line: bytes, peer: Peer) -> bytes:
         try:
-            command, args = decode_request(line)
+            name, args = decode_request(line)
         except ProtocolError as exc:
             return encode_error(exc.code, exc.message)
-        handler = self.handlers.get(command)
-        if handler is None:
-            known = ", ".join(sorted(self.handlers))
-            return encode_error("unknown-command", f"unknown command {command!r} (known: {known})")
+        command = self.commands.get(name)
+        if command is None:
+            known = ", ".join(sorted(self.commands))
+            return encode_error("unknown-command", f"unknown command {name!r} (known: {known})")
+        if not self.access.allows(peer, command.changes_state):
+            log.warning("control: refused %r to uid %d (pid %d)", name, peer.uid, peer.pid)
+            return encode_error("permission-denied", self.access.refusal(name))
         try:
-            return encode_result(await handler(args))
+            return encode_result(await command.handler(args))
         except ProtocolError as exc:
             return encode_error(exc.code, exc.message)
         except Exception:
-            log.exception("control command %r failed", command)
-            return encode_error("internal", f"command {command!r} failed inside mcrd; see its log")
+            log.exception("control command %r failed", name)
+            return encode_error("internal", f"command {name!r} failed inside mcrd; see its log")
 
 
-def claim_socket_path(path: Path) -> None:
-    """Remove a stale socket left by a crash, but never steal a live one."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+def claim_socket_path(path: Path, gid: int | None = None) -> None:
+    """Create the socket's directory if needed; remove a stale socket left by
+    a crash, but never steal a live one."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o750 if gid is not None else 0o700, parents=True)
+        if gid is not None:
+            os.chown(path.parent, -1, gid)
     if not path.exists() and not path.is_symlink():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,41 +1,60 @@
-"""`mcrd`: the command line, logging, signals and the control commands.
+"""`mcrd`: the command line, the daemon's life, and the control commands.
 
-Wires the pieces together: loads the rule file (`config`), starts the
-`Supervisor` and the `ControlServer`, and runs until SIGTERM or SIGINT.
-Signal handlers only set an event; the main coroutine does the work.
+`main` loads and checks everything a start needs (rule file, saved runtime
+rules, users and groups) and refuses to start, with EX_CONFIG, when any of it
+is wrong. `Relay` then wires the pieces: the `Supervisor` (sockets and
+workers), the `Reloader` (one funnel for file changes, SIGHUP and `mcrctl
+reload`), the `ControlServer`, netlink and systemd. Signal handlers only set
+an event or request a reload; the main loop does the work. Every change to
+the running rules, from the file or from mcrctl, goes through `Relay.change`
+one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from mcrd import __version__
-from mcrd.config import ConfigError, DaemonSettings, LoadedConfig, load_config, read_rule_file
-from mcrd.control import ControlServer, Handler
+from mcrd.config import (
+    ConfigError,
+    DaemonSettings,
+    LoadedConfig,
+    format_validation_errors,
+    load_config,
+    parse_config,
+    parse_rule_bytes,
+    read_rule_file,
+)
+from mcrd.control import Access, Command, ControlServer, Limits, ProtocolError
 from mcrd.defaults import DEFAULT_CONFIG
 from mcrd.links import LinkMonitor, Snapshot
+from mcrd.logs import setup_logging
 from mcrd.notify import Systemd, watchdog_interval
 from mcrd.privdrop import resolve_identity
 from mcrd.reload import Reloader, watch_file
+from mcrd.rulebook import SAVED_HEADER, RuleBook, dump_rules, rule_id
+from mcrd.rules import RuleSpec
 from mcrd.supervisor import Supervisor
 
 log = logging.getLogger("mcrd")
 
 EX_OK = 0
-EX_USAGE = 64
-EX_CONFIG = 78
 EX_FAIL = 1
+EX_CONFIG = 78
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="control socket path (default: [daemon] control_socket, /run/mcr/control.sock)",
     )
-    p.add_argument("-l", "--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    p.add_argument("-l", "--log-level", choices=LOG_LEVELS, default=None)
     p.add_argument("-u", "--user", default=None, help="user the workers run as (default: nobody when root)")
     p.add_argument("-g", "--group", default=None, help="group the workers run as (default: the user's)")
     p.add_argument(
@@ -86,25 +105,91 @@ def config_path(arg: Path | None) -> Path:
     return Path(env) if env else DEFAULT_CONFIG
 
 
+def worker_identity(settings: DaemonSettings) -> tuple[int, int]:
+    """(uid, gid) for the workers; ValueError naming what does not exist."""
+    user = settings.user
+    if user is None:
+        user = "nobody" if os.geteuid() == 0 else str(os.geteuid())
+    return resolve_identity(user, settings.group)
+
+
+def _gid(name: str | None, key: str) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group {name!r} ({key})") from None
+
+
+def control_access(settings: DaemonSettings) -> Access:
+    return Access(
+        own_uid=os.geteuid(),
+        socket_gid=_gid(settings.socket_group, "socket_group"),
+        admin_gid=_gid(settings.admin_group, "admin_group"),
+        admin_group=settings.admin_group,
+    )
+
+
+def load_saved(path: Path) -> list[RuleSpec]:
+    """Rules saved with `mcrctl config save`; none when the file does not exist yet."""
+    raw = read_rule_file(path)
+    if raw is None:
+        return []
+    loaded = parse_rule_bytes(raw, path)
+    if loaded.daemon.model_fields_set:
+        raise ConfigError(path, [f"{path}: [daemon] settings belong in the rule file, not here"])
+    return loaded.rules
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old file or the new, never half."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = config_path(args.config)
+    cli = {
+        "control_socket": args.control_socket,
+        "log_level": args.log_level,
+        "watch": args.watch,
+        "user": args.user,
+        "group": args.group,
+    }
     try:
         loaded = load_config(path, missing_ok=not args.check)
-        cli = {
-            "control_socket": args.control_socket,
-            "log_level": args.log_level,
-            "watch": args.watch,
-            "user": args.user,
-            "group": args.group,
-        }
         settings = DaemonSettings.resolve(cli, loaded.daemon)
         identity = worker_identity(settings)
+        access = control_access(settings)
+        saved = load_saved(settings.runtime_rules)
+        book = RuleBook(
+            tuple(loaded.rules), tuple(saved), frozenset(r.key for r in saved), settings.max_rules
+        )
+        problems = book.problems()
+        if problems:
+            raise ConfigError(path, [f"{path}: {p}" for p in problems])
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
         if not args.check:
-            print(f"mcrd: refusing to start: {path} is invalid", file=sys.stderr)
+            print(f"mcrd: refusing to start: {exc.path} is invalid", file=sys.stderr)
         return EX_CONFIG
     except ValidationError as exc:  # from the environment
         for err in exc.errors():
@@ -114,118 +199,293 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcrd: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
-        print(f"{path}: OK, {len(loaded.rules)} rule(s)")
+        extra = f" and {len(saved)} saved runtime rule(s)" if saved else ""
+        print(f"{path}: OK, {len(loaded.rules)} rule(s){extra}")
         return EX_OK
-    # Libraries log every netlink message and file event at debug level: far
-    # too much for an operator, and watchfiles' own messages about the log
-    # file would feed back into the watcher when both share a directory.
-    for noisy in ("pyroute2", "watchfiles", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings.log_level)
+    relay = Relay(settings, cli, loaded, book, identity, access)
     try:
-        return asyncio.run(run(settings, loaded, cli, identity))
+        return asyncio.run(relay.run())
     except KeyboardInterrupt:
         return EX_OK
 
 
-def worker_identity(settings: DaemonSettings) -> tuple[int, int]:
-    """(uid, gid) for the workers; ValueError naming what does not exist."""
-    user = settings.user
-    if user is None:
-        user = "nobody" if os.geteuid() == 0 else str(os.geteuid())
-    return resolve_identity(user, settings.group)
+class Relay:
+    """The running daemon: what runs, and every way to change it."""
 
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        cli: dict[str, Any],
+        loaded: LoadedConfig,
+        book: RuleBook,
+        identity: tuple[int, int],
+        access: Access,
+    ) -> None:
+        self.settings = settings
+        self.cli = cli
+        self.book = book
+        self.access = access
+        self.systemd = Systemd()
+        self.supervisor = Supervisor(book.combined(), identity, worker_timeout=settings.worker_timeout)
+        self.changes = asyncio.Lock()  # one change to the running rules at a time
+        self.reloader = Reloader(
+            loaded.path,
+            lambda: list(self.book.file),
+            self.apply_file,
+            before=self.systemd.reloading,
+            after=lambda outcome: self.systemd.ready(self.status_line()),
+            loaded=loaded,
+            check=lambda new: self.book.with_file(new.rules).problems(),
+        )
+        self.reloader.seen = read_rule_file(loaded.path) if not loaded.missing else None
 
-async def run(
-    settings: DaemonSettings, loaded: LoadedConfig, cli: dict[str, Any], identity: tuple[int, int]
-) -> int:
-    systemd = Systemd()
-    if loaded.missing:
-        log.warning("%s does not exist: running with no rules", loaded.path)
-    elif not loaded.rules:
-        log.warning("%s has no rules", loaded.path)
-    loop = asyncio.get_running_loop()
-    supervisor = Supervisor(loaded.rules, identity, worker_timeout=settings.worker_timeout)
-    first_links = asyncio.Event()
+    # -- the rules ---------------------------------------------------------
 
-    def on_links(snapshot: Snapshot) -> None:
-        supervisor.observe_links(snapshot)
-        first_links.set()
+    async def change(self, book: RuleBook) -> None:
+        """Run `book` if it is valid as a whole; ProtocolError with the problems if not."""
+        problems = book.problems()
+        if problems:
+            raise ProtocolError("invalid", "; ".join(problems))
+        self.book = book
+        await self.supervisor.apply(book.combined())
 
-    LinkMonitor(loop, on_links).start()
-    try:
-        await asyncio.wait_for(first_links.wait(), 2.0)
-    except TimeoutError:
-        log.warning("netlink gave no interface list; checking interfaces directly until it does")
-
-    async def apply(new: LoadedConfig) -> None:
-        effective = DaemonSettings.resolve(cli, new.daemon)
+    async def apply_file(self, new: LoadedConfig) -> None:
+        async with self.changes:
+            try:
+                await self.change(self.book.with_file(new.rules))
+            except ProtocolError as exc:  # runtime rules changed since the reload was checked
+                raise ConfigError(new.path, [f"{new.path}: {exc.message}"]) from None
+        effective = DaemonSettings.resolve(self.cli, new.daemon)
         logging.getLogger().setLevel(effective.log_level.upper())
-        if effective.control_socket != settings.control_socket:
+        if effective.control_socket != self.settings.control_socket:
             log.warning(
                 "control_socket changed to %s: takes effect when mcrd restarts", effective.control_socket
             )
-        await supervisor.apply(new.rules)
 
-    def status_line() -> str:
-        active, pending = supervisor.counts()
+    def status_line(self) -> str:
+        active, pending = self.supervisor.counts()
         text = f"{active} rule(s) active, {pending} pending"
-        if reloader.loaded is not None and reloader.loaded.missing:
+        loaded = self.reloader.loaded
+        if loaded is not None and loaded.missing:
             text += f"; {loaded.path} missing"
-        if reloader.last is not None and reloader.last.result == "rejected":
-            text += f"; last reload rejected: {reloader.last.errors[0]}"
+        last = self.reloader.last
+        if last is not None and last.result == "rejected":
+            text += f"; last reload rejected: {last.errors[0]}"
         return text
 
-    reloader = Reloader(
-        loaded.path,
-        lambda: supervisor.rules,
-        apply,
-        before=systemd.reloading,
-        after=lambda outcome: systemd.ready(status_line()),
-        loaded=loaded,
-    )
-    reloader.seen = read_rule_file(loaded.path) if not loaded.missing else None
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reloader.request("SIGHUP"))
-    server = ControlServer(settings.control_socket, control_handlers(supervisor, reloader, settings))
-    try:
-        await server.start()
-    except OSError as exc:
-        log.error("cannot serve the control socket %s: %s", settings.control_socket, exc.strerror or exc)
-        return EX_FAIL
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        await supervisor.start()
-        tasks = [
-            asyncio.create_task(reloader.run(), name="reloader"),
-            asyncio.create_task(keep_alive(supervisor, systemd, status_line), name="keepalive"),
-        ]
-        if settings.watch:
-            tasks.append(asyncio.create_task(watch_file(loaded.path, reloader, stop), name="watcher"))
-        active, pending = supervisor.counts()
-        log.info(
-            "mcrd %s ready: %d rule(s) active, %d pending, control socket %s",
-            __version__,
-            active,
-            pending,
+    # -- running -----------------------------------------------------------
+
+    async def run(self) -> int:
+        settings, loop = self.settings, asyncio.get_running_loop()
+        if self.reloader.loaded is not None and self.reloader.loaded.missing:
+            log.warning("%s does not exist: running with no rules from it", self.reloader.path)
+        elif not self.book.file:
+            log.warning("%s has no rules", self.reloader.path)
+        first_links = asyncio.Event()
+
+        def on_links(snapshot: Snapshot) -> None:
+            self.supervisor.observe_links(snapshot)
+            first_links.set()
+
+        LinkMonitor(loop, on_links).start()
+        try:
+            await asyncio.wait_for(first_links.wait(), 2.0)
+        except TimeoutError:
+            log.warning("netlink gave no interface list; checking interfaces directly until it does")
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reloader.request("SIGHUP"))
+        server = ControlServer(
             settings.control_socket,
+            self.commands(),
+            self.access,
+            Limits(settings.max_clients, settings.client_timeout),
         )
-        systemd.ready(status_line())
-        await stop.wait()
-        log.info("stopping")
-        systemd.stopping()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await supervisor.stop()
-        await server.close()
-    return EX_OK
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error("cannot serve the control socket %s: %s", settings.control_socket, exc.strerror or exc)
+            return EX_FAIL
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self.supervisor.start()
+            tasks = [
+                asyncio.create_task(self.reloader.run(), name="reloader"),
+                asyncio.create_task(
+                    keep_alive(self.supervisor, self.systemd, self.status_line), name="keepalive"
+                ),
+            ]
+            if settings.watch:
+                tasks.append(
+                    asyncio.create_task(watch_file(self.reloader.path, self.reloader, stop), name="watch")
+                )
+            active, pending = self.supervisor.counts()
+            log.info(
+                "mcrd %s ready: %d rule(s) active, %d pending, control socket %s",
+                __version__,
+                active,
+                pending,
+                settings.control_socket,
+            )
+            self.systemd.ready(self.status_line())
+            await stop.wait()
+            log.info("stopping")
+            self.systemd.stopping()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.supervisor.stop()
+            await server.close()
+        return EX_OK
+
+    # -- control commands ----------------------------------------------------
+
+    def commands(self) -> dict[str, Command]:
+        read: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "ping": self.cmd_ping,
+            "version": self.cmd_version,
+            "status": self.cmd_status,
+            "list": self.cmd_list,
+            "stats": self.cmd_stats,
+            "workers": self.cmd_workers,
+            "config.show": self.cmd_config_show,
+            "config.check": self.cmd_config_check,
+            "log-level.get": self.cmd_log_level_get,
+        }
+        write: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "reload": self.cmd_reload,
+            "add": self.cmd_add,
+            "remove": self.cmd_remove,
+            "config.save": self.cmd_config_save,
+            "log-level.set": self.cmd_log_level_set,
+        }
+        return {**{n: Command(h) for n, h in read.items()}, **{n: Command(h, True) for n, h in write.items()}}
+
+    async def cmd_ping(self, _: dict[str, Any]) -> Any:
+        return {"pong": True, "pid": os.getpid()}
+
+    async def cmd_version(self, _: dict[str, Any]) -> Any:
+        return {"version": __version__, "protocol": 1}
+
+    async def cmd_list(self, _: dict[str, Any]) -> Any:
+        return {"rules": self.supervisor.rule_views(self.book.origin)}
+
+    async def cmd_stats(self, _: dict[str, Any]) -> Any:
+        await self.supervisor.sample_all()
+        return self.supervisor.stats_view()
+
+    async def cmd_workers(self, _: dict[str, Any]) -> Any:
+        return {"workers": self.supervisor.worker_views()}
+
+    async def cmd_reload(self, _: dict[str, Any]) -> Any:
+        return (await self.reloader.request("mcrctl reload")).as_dict()
+
+    async def cmd_status(self, _: dict[str, Any]) -> Any:
+        active, pending = self.supervisor.counts()
+        loaded, last = self.reloader.loaded, self.reloader.last
+        origins = [self.book.origin(r) for r in self.book.combined()]
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": str(self.reloader.path),
+            "config_missing": bool(loaded and loaded.missing),
+            "rules": active + pending,
+            "active": active,
+            "pending": pending,
+            "origins": {o: origins.count(o) for o in ("file", "runtime", "saved")},
+            "max_rules": self.settings.max_rules,
+            "workers": self.supervisor.worker_views(),
+            "last_reload": last.as_dict() if last else None,
+            "reloads": self.reloader.count,
+            "watching": self.settings.watch,
+            "runtime_rules": str(self.settings.runtime_rules),
+            "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+        }
+
+    async def cmd_add(self, args: dict[str, Any]) -> Any:
+        raw = args.get("rule")
+        if not isinstance(raw, dict):
+            raise ProtocolError("bad-request", "'rule' must be an object")
+        try:
+            spec = RuleSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise ProtocolError("invalid", "; ".join(format_validation_errors(exc))) from None
+        async with self.changes:
+            await self.change(self.book.with_added(spec))
+        log.info("runtime rule %s added: %s", spec.display_name(), spec.key)
+        return next(v for v in self.supervisor.rule_views(self.book.origin) if v["key"] == str(spec.key))
+
+    async def cmd_remove(self, args: dict[str, Any]) -> Any:
+        name, ident = args.get("name"), args.get("id")
+        if (
+            not isinstance(name, str | None)
+            or not isinstance(ident, str | None)
+            or (name is None) == (ident is None)
+        ):
+            raise ProtocolError("bad-request", "give exactly one of 'name' and 'id' as a string")
+        async with self.changes:
+            spec = self.book.find(name=name, ident=ident)
+            if spec is None:
+                raise ProtocolError(
+                    "not-found", f"no rule {'named ' + repr(name) if name else 'with id ' + repr(ident)}"
+                )
+            if self.book.origin(spec) == "file":
+                raise ProtocolError(
+                    "file-rule",
+                    f"rule {spec.display_name()!r} comes from {self.reloader.path}: remove it from that file",
+                )
+            await self.change(self.book.without(spec))
+        log.info("runtime rule %s removed", spec.display_name())
+        return {"removed": spec.display_name(), "id": rule_id(spec.key), "origin": "runtime"}
+
+    async def cmd_config_show(self, _: dict[str, Any]) -> Any:
+        notes = {}
+        for spec in self.book.combined():
+            origin = self.book.origin(spec)
+            notes[spec.key] = {
+                "file": f"from {self.reloader.path}",
+                "runtime": "added at run time, not saved",
+                "saved": f"added at run time, saved in {self.settings.runtime_rules}",
+            }[origin] + f" (id {rule_id(spec.key)})"
+        header = f"# The rules mcrd (pid {os.getpid()}) runs now.\n"
+        return {"toml": dump_rules(self.book.combined(), header, notes)}
+
+    async def cmd_config_check(self, args: dict[str, Any]) -> Any:
+        text, name = args.get("text"), args.get("path", "<request>")
+        if not isinstance(text, str) or not isinstance(name, str):
+            raise ProtocolError("bad-request", "'text' and 'path' must be strings")
+        path = Path(name)
+        try:
+            loaded = parse_config(text, path)
+        except ConfigError as exc:
+            return {"valid": False, "errors": exc.errors, "rules": 0}
+        problems = [f"{path}: {p}" for p in self.book.with_file(loaded.rules).problems()]
+        return {"valid": not problems, "errors": problems, "rules": len(loaded.rules)}
+
+    async def cmd_config_save(self, _: dict[str, Any]) -> Any:
+        async with self.changes:
+            runtime = list(self.book.runtime)
+            path = self.settings.runtime_rules
+            try:
+                write_atomically(path, dump_rules(runtime, SAVED_HEADER))
+            except OSError as exc:
+                raise ProtocolError("io", f"cannot write {path}: {exc.strerror or exc}") from None
+            self.book = self.book.marked_saved()
+        log.info("saved %d runtime rule(s) to %s", len(runtime), path)
+        return {"path": str(path), "rules": len(runtime)}
+
+    async def cmd_log_level_get(self, _: dict[str, Any]) -> Any:
+        return {"level": logging.getLevelName(logging.getLogger().level).lower()}
+
+    async def cmd_log_level_set(self, args: dict[str, Any]) -> Any:
+        level = args.get("level")
+        if level not in LOG_LEVELS:
+            raise ProtocolError("bad-request", f"level must be one of {', '.join(LOG_LEVELS)}")
+        logging.getLogger().setLevel(str(level).upper())
+        log.warning("log level set to %s", level)
+        return {"level": level}
 
 
 async def keep_alive(supervisor: Supervisor, systemd: Systemd, status_line: Callable[[], str]) -> None:
@@ -250,58 +510,6 @@ async def keep_alive(supervisor: Supervisor, systemd: Systemd, status_line: Call
                 warned = True
         systemd.status(status_line())
         await asyncio.sleep(min(ping_every or 1.0, 1.0))
-
-
-def control_handlers(
-    supervisor: Supervisor, reloader: Reloader, settings: DaemonSettings
-) -> dict[str, Handler]:
-    async def ping(_: dict[str, Any]) -> Any:
-        return {"pong": True, "pid": os.getpid()}
-
-    async def version(_: dict[str, Any]) -> Any:
-        return {"version": __version__, "protocol": 1}
-
-    async def rules(_: dict[str, Any]) -> Any:
-        return {"rules": supervisor.rule_views()}
-
-    async def stats(_: dict[str, Any]) -> Any:
-        await supervisor.sample_all()
-        return supervisor.stats_view()
-
-    async def workers(_: dict[str, Any]) -> Any:
-        return {"workers": supervisor.worker_views()}
-
-    async def reload(_: dict[str, Any]) -> Any:
-        outcome = await reloader.request("mcrctl reload")
-        return outcome.as_dict()
-
-    async def status(_: dict[str, Any]) -> Any:
-        active, pending = supervisor.counts()
-        loaded = reloader.loaded
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "config": str(reloader.path),
-            "config_missing": bool(loaded and loaded.missing),
-            "rules": active + pending,
-            "active": active,
-            "pending": pending,
-            "workers": supervisor.worker_views(),
-            "last_reload": reloader.last.as_dict() if reloader.last else None,
-            "reloads": reloader.count,
-            "watching": settings.watch,
-            "log_level": logging.getLevelName(logging.getLogger().level).lower(),
-        }
-
-    return {
-        "ping": ping,
-        "version": version,
-        "list": rules,
-        "stats": stats,
-        "workers": workers,
-        "status": status,
-        "reload": reload,
-    }
 
 
 if __name__ == "__main__":

@@ -5,3 +5,4 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/mcr.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/mcr/control.sock")
+DEFAULT_RUNTIME_RULES = Path("/var/lib/mcrd/runtime.toml")

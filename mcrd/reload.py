@@ -79,12 +79,14 @@ class Reloader:
         before: Callable[[], None] = lambda: None,
         after: Callable[[Outcome], None] = lambda o: None,
         loaded: LoadedConfig | None = None,
+        check: Callable[[LoadedConfig], list[str]] = lambda loaded: [],
     ) -> None:
         self.path = path
         self.running = running
         self.apply = apply
         self.before = before
         self.after = after
+        self.check = check  # problems of the new file together with what else runs
         self.last: Outcome | None = None
         self.count = 0  # reloads done
         self.loaded = loaded
@@ -133,6 +135,11 @@ class Reloader:
             for line in exc.errors:
                 log.error("reload rejected, running rules kept: %s", line)
             return outcome
+        problems = self.check(loaded)
+        if problems:
+            for line in problems:
+                log.error("reload rejected, running rules kept: %s: %s", self.path, line)
+            return Outcome("rejected", triggers, errors=[f"{self.path}: {p}" for p in problems])
         diff = plan(self.running(), loaded.rules)
         settings_changed = self.loaded is None or loaded.daemon != self.loaded.daemon
         if loaded.missing:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 
@@ -116,6 +117,25 @@ class OutputSpec(_Strict):
     ttl: Ttl | None = None
 
 
+class RateLimit(_Strict):
+    """Policing for one rule's input: datagrams beyond either rate are dropped and counted."""
+
+    pps: Annotated[int, AfterValidator(lambda v: _positive(v, "datagrams per second"))] | None = None
+    bps: Annotated[int, AfterValidator(lambda v: _positive(v, "bits per second"))] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RateLimit:
+        if self.pps is None and self.bps is None:
+            raise ValueError("give pps, bps or both")
+        return self
+
+
+def _positive(value: int, what: str) -> int:
+    if value < 1:
+        raise ValueError(f"must be at least 1 {what}, got {value}")
+    return value
+
+
 class RuleKey(NamedTuple):
     """A rule's identity: its input. Two rules may never share one."""
 
@@ -147,6 +167,7 @@ class RuleSpec(_Strict):
     name: Annotated[str, AfterValidator(check_name)] | None = None
     input: InputSpec
     outputs: list[OutputSpec] = Field(min_length=1)
+    rate_limit: RateLimit | None = None
 
     @property
     def key(self) -> RuleKey:
@@ -177,15 +198,23 @@ def rule_label(index: int, name: str | None) -> str:
     return f"rule {index + 1} ({name!r})" if name else f"rule {index + 1}"
 
 
-def check_rule_set(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+Labeler = Callable[[int, "RuleSpec"], str]
+
+
+def _default_label(index: int, rule: RuleSpec) -> str:
+    return rule_label(index, rule.name)
+
+
+def check_rule_set(rules: list[RuleSpec], label: Labeler = _default_label) -> list[tuple[int, str]]:
     """Checks that involve more than one rule, or a rule and its own outputs.
 
     Returns (rule index, message) pairs; an empty list means the set is valid.
+    `label` names another rule in a message (rules may come from several sources).
     """
     errors: list[tuple[int, str]] = []
     errors += _check_outputs_per_rule(rules)
-    errors += _check_unique(rules)
-    errors += _check_cycles(rules)
+    errors += _check_unique(rules, label)
+    errors += _check_cycles(rules, label)
     return sorted(errors, key=lambda e: e[0])
 
 
@@ -216,18 +245,18 @@ def _check_outputs_per_rule(rules: list[RuleSpec]) -> list[tuple[int, str]]:
     return errors
 
 
-def _check_unique(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+def _check_unique(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]]:
     errors = []
     by_key: dict[RuleKey, int] = {}
     by_name: dict[str, int] = {}
     for i, rule in enumerate(rules):
         first = by_key.setdefault(rule.key, i)
         if first != i:
-            errors.append((i, f"input {rule.key} is already used by {rule_label(first, rules[first].name)}"))
+            errors.append((i, f"input {rule.key} is already used by {label(first, rules[first])}"))
         if rule.name is not None:
             first = by_name.setdefault(rule.name, i)
             if first != i:
-                errors.append((i, f"name {rule.name!r} is already used by rule {first + 1}"))
+                errors.append((i, f"name {rule.name!r} is already used by {label(first, rules[first])}"))
     return errors
 
 
@@ -244,7 +273,7 @@ def feeds(dest: Destination, key: RuleKey) -> bool:
     )
 
 
-def _check_cycles(rules: list[RuleSpec]) -> list[tuple[int, str]]:
+def _check_cycles(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]]:
     edges: dict[int, list[int]] = {i: [] for i in range(len(rules))}
     for i, rule in enumerate(rules):
         for dest in rule.destinations():
@@ -258,7 +287,7 @@ def _check_cycles(rules: list[RuleSpec]) -> list[tuple[int, str]]:
         if cycle is None or frozenset(cycle) in reported:
             continue
         reported.add(frozenset(cycle))
-        path = " -> ".join(rule_label(k, rules[k].name) for k in [*cycle, cycle[0]])
+        path = " -> ".join(label(k, rules[k]) for k in [*cycle, cycle[0]])
         errors.append((min(cycle), f"rules feed each other in a cycle: {path}"))
     return errors
 

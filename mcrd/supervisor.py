@@ -23,13 +23,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
 from mcrd.packet import DROP_REASONS, FilterEntry, compile_filter, ip_to_int
+from mcrd.rulebook import rule_id
 from mcrd.rules import Destination, RuleSpec, is_multicast
 
 log = logging.getLogger("mcrd")
@@ -151,8 +152,8 @@ def add_counters(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
         "rules": {},
     }
     for key in set(base["rules"]) | set(more["rules"]):
-        a = base["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
-        b = more["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
+        a = base["rules"].get(key, {"packets": 0, "bytes": 0, "limited": 0, "outputs": []})
+        b = more["rules"].get(key, {"packets": 0, "bytes": 0, "limited": 0, "outputs": []})
         outs: dict[str, dict[str, Any]] = {}
         for o in [*a["outputs"], *b["outputs"]]:
             prev = outs.get(o["destination"])
@@ -165,6 +166,7 @@ def add_counters(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
         total["rules"][key] = {
             "packets": a["packets"] + b["packets"],
             "bytes": a["bytes"] + b["bytes"],
+            "limited": a.get("limited", 0) + b.get("limited", 0),
             "outputs": list(outs.values()),
         }
     return total
@@ -458,8 +460,16 @@ class Supervisor:
                     }
                 )
             i = spec.input
+            limit = spec.rate_limit.model_dump() if spec.rate_limit else None
             rules.append(
-                {"key": str(spec.key), "group": i.group, "port": i.port, "source": i.source, "outputs": outs}
+                {
+                    "key": str(spec.key),
+                    "group": i.group,
+                    "port": i.port,
+                    "source": i.source,
+                    "outputs": outs,
+                    "rate_limit": limit,
+                }
             )
         signature = (id(port.packet_sock), repr(rules))
         return {"op": "configure", "packet_fd": 0, "rules": rules}, fds, signature
@@ -610,7 +620,7 @@ class Supervisor:
             return "down", "interface is down"
         return "active", ""
 
-    def rule_views(self) -> list[dict[str, Any]]:
+    def rule_views(self, origin: Callable[[RuleSpec], str] = lambda spec: "file") -> list[dict[str, Any]]:
         views = []
         for spec in self.rules:
             state, reason = self.rule_state(spec)
@@ -621,8 +631,9 @@ class Supervisor:
             views.append(
                 {
                     "name": spec.name,
+                    "id": rule_id(spec.key),
                     "key": str(spec.key),
-                    "origin": "file",
+                    "origin": origin(spec),
                     "input": spec.input.model_dump(),
                     "outputs": outputs,
                     "state": state,
@@ -631,18 +642,34 @@ class Supervisor:
             )
         return views
 
+    @staticmethod
+    def _rates(port: InputPort) -> dict[tuple[str, str], tuple[float, float]]:
+        """(packets/s, bits/s) per (rule key, destination; "" for the input), over the last sample."""
+        rates: dict[tuple[str, str], tuple[float, float]] = {}
+        if len(port.samples) < 2:
+            return rates
+        (t0, s0), (t1, s1) = port.samples
+        dt = max(t1 - t0, 1e-6)
+
+        def rate(now: dict[str, Any], before: dict[str, Any]) -> tuple[float, float]:
+            return (now["packets"] - before["packets"]) / dt, (now["bytes"] - before["bytes"]) * 8 / dt
+
+        for key, c in s1["rules"].items():
+            prev = s0["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
+            rates[key, ""] = rate(c, prev)
+            prev_outs = {o["destination"]: o for o in prev["outputs"]}
+            for o in c["outputs"]:
+                rates[key, o["destination"]] = rate(
+                    o, prev_outs.get(o["destination"], {"packets": 0, "bytes": 0})
+                )
+        return rates
+
     def stats_view(self) -> dict[str, Any]:
         rules = []
         interfaces = []
         for port in self.ports.values():
             counters = port.current()
-            rate: dict[str, tuple[float, float]] = {}
-            if len(port.samples) == 2:
-                (t0, s0), (t1, s1) = port.samples
-                dt = max(t1 - t0, 1e-6)
-                for key, c in s1["rules"].items():
-                    prev = s0["rules"].get(key, {"packets": 0, "bytes": 0})
-                    rate[key] = ((c["packets"] - prev["packets"]) / dt, (c["bytes"] - prev["bytes"]) * 8 / dt)
+            rates = self._rates(port)
             worker = port.live_worker()
             interfaces.append(
                 {
@@ -656,30 +683,28 @@ class Supervisor:
             )
             for spec in port.rules:
                 key = str(spec.key)
-                c = counters["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
+                c = counters["rules"].get(key, {"packets": 0, "bytes": 0, "limited": 0, "outputs": []})
                 by_dest = {o["destination"]: o for o in c["outputs"]}
-                pps, bps = rate.get(key, (0.0, 0.0))
+                pps, bps = rates.get((key, ""), (0.0, 0.0))
+                outputs = []
+                for d in spec.destinations():
+                    label = str(d)
+                    o = by_dest.get(
+                        label, {"destination": label, "packets": 0, "bytes": 0, "errors": 0, "last_error": ""}
+                    )
+                    opps, obps = rates.get((key, label), (0.0, 0.0))
+                    outputs.append({**o, "pps": round(opps, 1), "bps": round(obps, 1)})
                 rules.append(
                     {
                         "name": spec.name,
+                        "id": rule_id(spec.key),
                         "key": key,
                         "packets": c["packets"],
                         "bytes": c["bytes"],
                         "pps": round(pps, 1),
                         "bps": round(bps, 1),
-                        "outputs": [
-                            by_dest.get(
-                                str(d),
-                                {
-                                    "destination": str(d),
-                                    "packets": 0,
-                                    "bytes": 0,
-                                    "errors": 0,
-                                    "last_error": "",
-                                },
-                            )
-                            for d in spec.destinations()
-                        ],
+                        "drops": {"rate_limit": c.get("limited", 0)},
+                        "outputs": outputs,
                     }
                 )
         return {"rules": rules, "interfaces": interfaces}

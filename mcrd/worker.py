@@ -17,6 +17,7 @@ import select
 import signal
 import socket
 import sys
+from time import monotonic
 from typing import Any
 
 from mcrd import channel
@@ -51,19 +52,56 @@ class Output:
         }
 
 
-class Rule:
-    __slots__ = ("key", "octets", "outputs", "packets")
+class Policer:
+    """Token buckets for datagrams and bits per second, each holding 0.1 s of rate."""
 
-    def __init__(self, key: str, outputs: list[Output]) -> None:
+    __slots__ = ("bit_tokens", "bps", "last", "packet_tokens", "pps")
+
+    BURST = 0.1
+
+    def __init__(self, pps: int | None, bps: int | None, now: float) -> None:
+        self.pps = pps
+        self.bps = bps
+        self.packet_tokens = max(pps * self.BURST, 1.0) if pps else 0.0
+        self.bit_tokens = max(bps * self.BURST, 65535 * 8.0) if bps else 0.0
+        self.last = now
+
+    def allow(self, length: int, now: float) -> bool:
+        elapsed = now - self.last
+        self.last = now
+        bits = length * 8
+        if self.pps:
+            self.packet_tokens = min(self.packet_tokens + elapsed * self.pps, max(self.pps * self.BURST, 1.0))
+            if self.packet_tokens < 1.0:
+                return False
+        if self.bps:
+            self.bit_tokens = min(
+                self.bit_tokens + elapsed * self.bps, max(self.bps * self.BURST, 65535 * 8.0)
+            )
+            if self.bit_tokens < bits:
+                return False
+            self.bit_tokens -= bits
+        if self.pps:
+            self.packet_tokens -= 1.0
+        return True
+
+
+class Rule:
+    __slots__ = ("key", "limited", "octets", "outputs", "packets", "policer")
+
+    def __init__(self, key: str, outputs: list[Output], policer: Policer | None = None) -> None:
         self.key = key
         self.outputs = outputs
+        self.policer = policer
         self.packets = 0
         self.octets = 0
+        self.limited = 0
 
     def counters(self) -> dict[str, Any]:
         return {
             "packets": self.packets,
             "bytes": self.octets,
+            "limited": self.limited,
             "outputs": [o.counters() for o in self.outputs],
         }
 
@@ -113,9 +151,20 @@ class Worker:
                         prev.last_error,
                     )
                 outputs.append(out)
-            rule = Rule(spec["key"], outputs)
+            limit = spec.get("rate_limit")
+            policer = None
+            if limit:
+                same = (
+                    old is not None
+                    and old.policer is not None
+                    and (old.policer.pps, old.policer.bps) == (limit.get("pps"), limit.get("bps"))
+                )
+                policer = (
+                    old.policer if same and old else Policer(limit.get("pps"), limit.get("bps"), monotonic())
+                )
+            rule = Rule(spec["key"], outputs, policer)
             if old is not None:
-                rule.packets, rule.octets = old.packets, old.octets
+                rule.packets, rule.octets, rule.limited = old.packets, old.octets, old.limited
             rules.append(rule)
             source = ip_to_int(spec["source"]) if spec["source"] else None
             table.setdefault((ip_to_int(spec["group"]), spec["port"]), {})[source] = rule
@@ -186,6 +235,9 @@ class Worker:
             length = dgram.end - dgram.start
             rule.packets += 1
             rule.octets += length
+            if rule.policer is not None and not rule.policer.allow(length, monotonic()):
+                rule.limited += 1
+                continue
             for out in rule.outputs:
                 try:
                     out.sock.sendto(payload, out.address)

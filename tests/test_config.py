@@ -232,7 +232,7 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         "duplicate-name",
         rule(extra='name = "cam"\n')
         + rule('interface = "eth0", group = "239.1.1.2", port = 5000', extra='name = "cam"\n'),
-        ["bad.toml:5: rule 2 ('cam'): name 'cam' is already used by rule 1"],
+        ["bad.toml:5: rule 2 ('cam'): name 'cam' is already used by rule 1 ('cam')"],
     ),
     (
         "cycle-of-two",

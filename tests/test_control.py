@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mcrd.control import MAX_REQUEST, ControlError, ControlServer, ProtocolError, call, decode_request
+from mcrd.control import (
+    MAX_REQUEST,
+    Access,
+    Command,
+    ControlError,
+    ControlServer,
+    Limits,
+    Peer,
+    ProtocolError,
+    call,
+    decode_request,
+)
 from mcrd.supervisor import add_counters, backoff_delay
 
 
@@ -43,6 +56,31 @@ def test_version_error_names_both_versions() -> None:
         decode_request(b'{"version": 2, "command": "ping"}')
 
 
+OPEN = Access(own_uid=os.geteuid())
+
+
+@pytest.mark.parametrize(
+    ("uid", "gids", "reads", "writes"),
+    [
+        (0, set(), True, True),  # root
+        (990, set(), True, True),  # mcrd's own user
+        (1000, set(), False, False),
+        (1000, {50}, True, False),  # the socket's group
+        (1000, {60}, True, True),  # the admin group
+        (1000, {50, 60}, True, True),
+    ],
+)
+def test_access(uid: int, gids: set[int], reads: bool, writes: bool) -> None:
+    access = Access(own_uid=990, socket_gid=50, admin_gid=60, admin_group="mcradm")
+    peer = Peer(1, uid, frozenset(gids))
+    assert access.allows(peer, changes_state=False) == reads
+    assert access.allows(peer, changes_state=True) == writes
+    assert (
+        access.refusal("add")
+        == "permission denied: 'add' changes mcrd's state and needs root or a member of group 'mcradm'"
+    )
+
+
 def _exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
@@ -62,7 +100,12 @@ async def _with_server(tmp_path: Path, body: Any) -> Any:
     async def broken(_: dict[str, Any]) -> Any:
         raise RuntimeError("boom")
 
-    server = ControlServer(tmp_path / "ctl.sock", {"echo": echo, "broken": broken})
+    server = ControlServer(
+        tmp_path / "ctl.sock",
+        {"echo": Command(echo), "broken": Command(broken)},
+        OPEN,
+        Limits(max_clients=4, client_timeout=0.5),
+    )
     await server.start()
     try:
         return await asyncio.to_thread(body, tmp_path / "ctl.sock")
@@ -103,16 +146,16 @@ def test_oversized_and_unterminated_requests(tmp_path: Path) -> None:
 
 def test_a_live_socket_is_never_stolen_but_a_stale_one_is_replaced(tmp_path: Path) -> None:
     async def scenario() -> None:
-        first = ControlServer(tmp_path / "ctl.sock", {})
+        first = ControlServer(tmp_path / "ctl.sock", {}, OPEN)
         await first.start()
         with pytest.raises(OSError, match="another mcrd is already listening"):
-            await ControlServer(tmp_path / "ctl.sock", {}).start()
+            await ControlServer(tmp_path / "ctl.sock", {}, OPEN).start()
         await first.close()
         assert not (tmp_path / "ctl.sock").exists()
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(str(tmp_path / "ctl.sock"))
         stale.close()  # a socket file with nobody behind it, as after a crash
-        second = ControlServer(tmp_path / "ctl.sock", {})
+        second = ControlServer(tmp_path / "ctl.sock", {}, OPEN)
         await second.start()
         await second.close()
 
@@ -143,3 +186,35 @@ def test_counters_add_across_worker_generations() -> None:
     assert total["rules"]["k"]["outputs"] == [
         {"destination": "d", "packets": 4, "bytes": 40, "errors": 1, "last_error": "ENOBUFS"}
     ]
+
+
+def test_slow_clients_time_out_and_too_many_are_turned_away(tmp_path: Path) -> None:
+    def body(path: Path) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+            slow.connect(str(path))
+            slow.sendall(b'{"version": 1, "comm')  # and nothing more
+            began = time.monotonic()
+            slow.settimeout(5)
+            reply = json.loads(slow.recv(65536))
+            assert reply["error"]["code"] == "timeout"
+            assert 0.4 < time.monotonic() - began < 3
+        held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+        for s in held:
+            s.connect(str(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(5)
+            extra.connect(str(path))
+            assert json.loads(extra.recv(65536))["error"]["code"] == "busy"
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the closed connections on its next turn
+            try:
+                call(path, "echo", {})
+                break
+            except ControlError:
+                assert time.monotonic() < deadline
+        for _ in range(500):  # rapid connections, each answered
+            assert call(path, "echo", {}) == {"echo": {}}
+
+    asyncio.run(_with_server(tmp_path, body))
