@@ -1,7 +1,10 @@
 """`mcrctl`: talk to a running mcrd over its control socket.
 
 Human tables by default, `--json` for scripts. Exit codes: 0 success, 1 the
-daemon answered with an error, 2 usage error, 3 no daemon reachable.
+daemon answered with an error (or refused the rule, file or command),
+2 usage error, 3 no daemon reachable, 4 `reload` found nothing to change.
+`add` takes MCR's mcrctl options, so its users can move over unchanged.
+Imports nothing heavy: it must start fast.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,10 @@ from mcrd.control import ControlError, call
 from mcrd.defaults import DEFAULT_CONTROL_SOCKET
 
 EX_OK, EX_ERROR, EX_USAGE, EX_UNREACHABLE, EX_UNCHANGED = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +43,112 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("ping", help="check that mcrd answers")
     sub.add_parser("version", help="the daemon's version")
-    sub.add_parser("status", help="daemon health and rule counts")
-    sub.add_parser("list", help="every rule with its state")
-    sub.add_parser("stats", help="per-rule and per-output counters")
+    sub.add_parser("status", help="daemon health, rule file, last reload, rule counts")
+    sub.add_parser("list", help="every rule with its id, origin, state and why it is pending")
+    stats = sub.add_parser("stats", help="per-rule and per-output counters and rates")
+    stats.add_argument("-w", "--watch", action="store_true", help="refresh in place until interrupted")
+    stats.add_argument(
+        "-n", "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
     sub.add_parser("workers", help="worker processes")
     sub.add_parser(
         "reload",
         help="re-read the rule file and apply it; waits for the outcome "
         "(exit 0 applied, 4 unchanged, 1 rejected)",
     )
+    add = sub.add_parser("add", help="add a runtime rule (MCR's mcrctl options)")
+    add.add_argument("--input-interface", required=True, metavar="IFACE")
+    add.add_argument("--input-group", required=True, metavar="GROUP")
+    add.add_argument("--input-port", required=True, type=int, metavar="PORT")
+    add.add_argument("--source", default=None, metavar="ADDR", help="only this sender: an (S,G) rule")
+    add.add_argument(
+        "--outputs",
+        required=True,
+        metavar="GROUP:PORT[:IFACE[:TTL]][,...]",
+        help="comma-separated destinations",
+    )
+    add.add_argument("--name", default=None)
+    add.add_argument(
+        "--rate-pps", type=int, default=None, metavar="N", help="drop datagrams beyond N per second"
+    )
+    add.add_argument(
+        "--rate-bps", type=int, default=None, metavar="N", help="drop datagrams beyond N bits per second"
+    )
+    remove = sub.add_parser("remove", help="remove a runtime rule")
+    which = remove.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name")
+    which.add_argument("--id", "--rule-id", dest="id", metavar="ID")
+    config = sub.add_parser("config", help="the running rules as TOML, check a file, save runtime rules")
+    csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    csub.add_parser("show", help="print the running rules as TOML, each with its origin")
+    check = csub.add_parser("check", help="would this file be accepted by a reload? (exit 0 yes, 1 no)")
+    check.add_argument("file", type=Path)
+    csub.add_parser("save", help="persist the runtime rules to the saved-rules file (atomically)")
+    level = sub.add_parser("log-level", help="get or set the daemon's log level")
+    lsub = level.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lsub.add_parser("get")
+    lset = lsub.add_parser("set")
+    lset.add_argument("level", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def parse_outputs(text: str) -> list[dict[str, Any]]:
+    """MCR's output list: GROUP:PORT:IFACE[,...], here also GROUP:PORT and a fourth field TTL."""
+    outputs = []
+    for item in text.split(","):
+        fields = item.strip().split(":")
+        if not 2 <= len(fields) <= 4 or not all(fields[:2]):
+            raise UsageError(f"--outputs: {item.strip()!r} is not GROUP:PORT[:IFACE[:TTL]]")
+        out: dict[str, Any] = {"group": fields[0]}
+        try:
+            out["port"] = int(fields[1])
+            if len(fields) == 4:
+                out["ttl"] = int(fields[3])
+        except ValueError:
+            raise UsageError(f"--outputs: {item.strip()!r}: port and TTL must be numbers") from None
+        if len(fields) >= 3 and fields[2]:
+            out["interface"] = fields[2]
+        outputs.append(out)
+    return outputs
+
+
+def rule_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    rule: dict[str, Any] = {
+        "input": {"interface": args.input_interface, "group": args.input_group, "port": args.input_port},
+        "outputs": parse_outputs(args.outputs),
+    }
+    if args.source is not None:
+        rule["input"]["source"] = args.source
+    if args.name is not None:
+        rule["name"] = args.name
+    if args.rate_pps is not None or args.rate_bps is not None:
+        rule["rate_limit"] = {
+            k: v for k, v in (("pps", args.rate_pps), ("bps", args.rate_bps)) if v is not None
+        }
+    return rule
+
+
+def request_for(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The protocol command and arguments for a command line."""
+    command: str = args.command
+    if command == "add":
+        return "add", {"rule": rule_from_args(args)}
+    if command == "remove":
+        return "remove", {"name": args.name} if args.name is not None else {"id": args.id}
+    if command == "config":
+        if args.action == "check":
+            try:
+                text = args.file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"config check: cannot read {args.file}: {exc}") from None
+            return "config.check", {"text": text, "path": str(args.file)}
+        return f"config.{args.action}", {}
+    if command == "log-level":
+        return (f"log-level.{args.action}", {"level": args.level} if args.action == "set" else {})
+    return command, {}
+
+
+# -- human output ------------------------------------------------------------
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -62,6 +166,13 @@ def _input(view: dict[str, Any]) -> str:
     return f"{i['interface']} {i['group']}:{i['port']}{src}"
 
 
+def _rate(pps: float, bps: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if bps >= scale:
+            return f"{pps:.0f}/s {bps / scale:.1f}{unit}b/s"
+    return f"{pps:.0f}/s {bps:.0f}b/s"
+
+
 def show_list(result: dict[str, Any]) -> str:
     if not result["rules"]:
         return "no rules"
@@ -69,18 +180,27 @@ def show_list(result: dict[str, Any]) -> str:
     for v in result["rules"]:
         state = v["state"] + (f" ({v['reason']})" if v["reason"] else "")
         outs = ", ".join(
-            o["destination"] + ("" if o["state"] == "active" else f" [pending: {o['reason']}]")
+            o["destination"] + ("" if o["state"] == "active" else f" [{o['state']}: {o['reason']}]")
             for o in v["outputs"]
         )
-        rows.append([v["name"] or "-", _input(v), outs, state])
-    return _table(rows, ["NAME", "INPUT", "OUTPUTS", "STATE"])
+        rows.append([v["id"], v["name"] or "-", v["origin"], _input(v), outs, state])
+    return _table(rows, ["ID", "NAME", "ORIGIN", "INPUT", "OUTPUTS", "STATE"])
 
 
 def show_stats(result: dict[str, Any]) -> str:
     rows = []
     for r in result["rules"]:
+        limited = r.get("drops", {}).get("rate_limit", 0)
         rows.append(
-            [r["name"] or r["key"], "in", str(r["packets"]), str(r["bytes"]), f"{r['pps']:.0f}", "", ""]
+            [
+                r["name"] or r["key"],
+                "in",
+                str(r["packets"]),
+                str(r["bytes"]),
+                _rate(r["pps"], r["bps"]),
+                f"rate-limited {limited}" if limited else "",
+                "",
+            ]
         )
         for o in r["outputs"]:
             rows.append(
@@ -89,19 +209,24 @@ def show_stats(result: dict[str, Any]) -> str:
                     "-> " + o["destination"],
                     str(o["packets"]),
                     str(o["bytes"]),
-                    "",
+                    _rate(o.get("pps", 0.0), o.get("bps", 0.0)),
                     str(o["errors"]),
                     o.get("last_error", ""),
                 ]
             )
-    parts = [_table(rows, ["RULE", "DIRECTION", "PACKETS", "BYTES", "PPS", "ERRORS", "LAST ERROR"])]
+    parts = [
+        _table(rows, ["RULE", "DIRECTION", "PACKETS", "BYTES", "RATE", "ERRORS/DROPS", "LAST ERROR"])
+        if rows
+        else "no rules"
+    ]
     irows = []
     for i in result["interfaces"]:
         drops = ", ".join(f"{k} {v}" for k, v in i["drops"].items() if v) or "none"
         irows.append(
             [i["interface"], str(i["worker"] or "-"), i["state"], i["filter"], str(i["received"]), drops]
         )
-    parts.append(_table(irows, ["INTERFACE", "WORKER", "STATE", "FILTER", "RECEIVED", "DROPS"]))
+    if irows:
+        parts.append(_table(irows, ["INTERFACE", "WORKER", "STATE", "FILTER", "RECEIVED", "DROPS"]))
     return "\n\n".join(parts)
 
 
@@ -130,10 +255,13 @@ def show_reload(result: dict[str, Any]) -> str:
 def show_status(result: dict[str, Any]) -> str:
     config = result["config"] + (" (missing)" if result["config_missing"] else "")
     restarts = sum(w["restarts"] for w in result["workers"])
+    origins = ", ".join(f"{n} {o}" for o, n in result.get("origins", {}).items() if n)
     lines = [
         f"mcrd {result['version']}, pid {result['pid']}",
         f"config:  {config}",
-        f"rules:   {result['rules']} ({result['active']} active, {result['pending']} pending)",
+        f"rules:   {result['rules']} ({result['active']} active, {result['pending']} pending"
+        + (f"; {origins}" if origins else "")
+        + ")",
         f"workers: {len(result['workers'])} ({restarts} restarts)",
     ]
     last = result.get("last_reload")
@@ -144,7 +272,18 @@ def show_status(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SHOW = {
+def show_added(result: dict[str, Any]) -> str:
+    state = result["state"] + (f" ({result['reason']})" if result["reason"] else "")
+    return f"added rule {result['name'] or result['key']} (id {result['id']}): {state}"
+
+
+def show_check(result: dict[str, Any]) -> str:
+    if result["valid"]:
+        return f"OK, {result['rules']} rule(s)"
+    return "\n".join(result["errors"])
+
+
+SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
     "ping": lambda r: f"pong from mcrd pid {r['pid']}",
     "version": lambda r: f"mcrd {r['version']} (protocol {r['protocol']}), mcrctl {__version__}",
     "status": show_status,
@@ -152,14 +291,50 @@ SHOW = {
     "stats": show_stats,
     "workers": show_workers,
     "reload": show_reload,
+    "add": show_added,
+    "remove": lambda r: f"removed rule {r['removed']} (id {r['id']})",
+    "config.show": lambda r: str(r["toml"]).rstrip("\n"),
+    "config.check": show_check,
+    "config.save": lambda r: f"saved {r['rules']} runtime rule(s) to {r['path']}",
+    "log-level.get": lambda r: str(r["level"]),
+    "log-level.set": lambda r: f"log level is now {r['level']}",
 }
+
+
+def exit_code(command: str, result: dict[str, Any]) -> int:
+    if command == "reload":
+        return {"applied": EX_OK, "unchanged": EX_UNCHANGED}.get(result["result"], EX_ERROR)
+    if command == "config.check":
+        return EX_OK if result["valid"] else EX_ERROR
+    return EX_OK
+
+
+def watch(path: Path, interval: float, as_json: bool) -> int:
+    try:
+        while True:
+            result = call(path, "stats")
+            text = json.dumps(result) if as_json else show_stats(result)
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(
+                f"\x1b[H\x1b[2J{stamp}  mcrd stats (every {interval:g}s, ^C to stop)\n\n{text}\n"
+            )
+            sys.stdout.flush()
+            time.sleep(interval)  # the refresh period the user asked for
+    except KeyboardInterrupt:
+        return EX_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = args.socket or Path(os.environ.get("MCRD_CONTROL_SOCKET") or DEFAULT_CONTROL_SOCKET)
     try:
-        result = call(path, args.command)
+        command, request = request_for(args)
+        if command == "stats" and args.watch:
+            return watch(path, args.interval, args.json)
+        result = call(path, command, request, timeout=30.0)
+    except UsageError as exc:
+        print(f"mcrctl: {exc}", file=sys.stderr)
+        return EX_USAGE
     except ControlError as exc:
         print(f"mcrctl: {args.command}: {exc}", file=sys.stderr)
         return EX_ERROR
@@ -172,13 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"mcrctl: {path}: {exc}", file=sys.stderr)
         return EX_UNREACHABLE
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(SHOW[args.command](result))
-    if args.command == "reload":
-        return {"applied": EX_OK, "unchanged": EX_UNCHANGED}.get(result["result"], EX_ERROR)
-    return EX_OK
+    print(json.dumps(result, indent=2) if args.json else SHOW[command](result))
+    return exit_code(command, result)
 
 
 if __name__ == "__main__":

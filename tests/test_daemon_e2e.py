@@ -75,7 +75,7 @@ def test_missing_interfaces_leave_the_rest_relaying(
     assert rx.wait_for(lambda a: len(rx.seqs(1)) == 200)
     assert rx.seqs(1) == list(range(200))
     status = mcrctl(daemon.socket, "status").stdout
-    assert "rules:   2 (1 active, 1 pending)" in status
+    assert "rules:   2 (1 active, 1 pending; 2 file)" in status
 
 
 def test_sigterm_stops_workers_leaves_groups_and_removes_the_socket(
