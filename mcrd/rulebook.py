@@ -50,6 +50,7 @@ class RuleBook:
     runtime: tuple[RuleSpec, ...] = ()
     saved: frozenset[RuleKey] = field(default_factory=frozenset)
     max_rules: int = 1000
+    newer: str = "runtime"  # which source changed last: a conflict is reported against it
 
     def combined(self) -> list[RuleSpec]:
         return [*self.file, *self.runtime]
@@ -67,7 +68,7 @@ class RuleBook:
 
     def problems(self) -> list[str]:
         """What is wrong with the set as a whole; empty when it can run."""
-        rules = self.combined()
+        rules = [*self.file, *self.runtime] if self.newer == "runtime" else [*self.runtime, *self.file]
         errors = [
             f"{self.label(rules[i])}: {msg}"
             for i, msg in check_rule_set(rules, lambda _i, spec: self.label(spec))
@@ -77,10 +78,10 @@ class RuleBook:
         return errors
 
     def with_file(self, rules: Iterable[RuleSpec]) -> RuleBook:
-        return replace(self, file=tuple(rules))
+        return replace(self, file=tuple(rules), newer="file")
 
     def with_added(self, spec: RuleSpec) -> RuleBook:
-        return replace(self, runtime=(*self.runtime, spec))
+        return replace(self, runtime=(*self.runtime, spec), newer="runtime")
 
     def find(self, *, name: str | None = None, ident: str | None = None) -> RuleSpec | None:
         for spec in self.combined():
