@@ -105,7 +105,9 @@ class Access:
             return True
         return not changes_state and self.socket_gid is not None and self.socket_gid in peer.gids
 
-    def refusal(self, command: str) -> str:
+    def refusal(self, command: str, changes_state: bool = True) -> str:
+        if not changes_state:
+            return f"permission denied: {command!r} needs root or a member of the control socket's group"
         who = "root" + (f" or a member of group {self.admin_group!r}" if self.admin_group else "")
         return f"permission denied: {command!r} changes mcrd's state and needs {who}"
 
@@ -123,11 +125,21 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     gids = {gid}
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # Python's limit: 256 groups
         gids.update(struct.unpack(f"{len(raw) // 4}I", raw))
-    except OSError:  # kernels before 4.13: primary group only
-        pass
+    except OSError:  # more groups than that, or a kernel before 4.13
+        gids.update(_proc_groups(pid))
     return Peer(pid, uid, frozenset(gids))
+
+
+def _proc_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 class ControlServer:
@@ -211,7 +223,7 @@ class ControlServer:
             return encode_error("unknown-command", f"unknown command {name!r} (known: {known})")
         if not self.access.allows(peer, command.changes_state):
             log.warning("control: refused %r to uid %d (pid %d)", name, peer.uid, peer.pid)
-            return encode_error("permission-denied", self.access.refusal(name))
+            return encode_error("permission-denied", self.access.refusal(name, command.changes_state))
         try:
             return encode_result(await command.handler(args))
         except ProtocolError as exc:

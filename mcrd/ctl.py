@@ -30,6 +30,12 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted after the command too (`mcrctl stats --json`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-s", "--socket", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "-j", "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     p = argparse.ArgumentParser(prog="mcrctl", description="Control and inspect a running mcrd.")
     p.add_argument(
         "-s",
@@ -41,22 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--json", action="store_true", help="print the daemon's reply as JSON")
     p.add_argument("-V", "--version", action="version", version=f"mcrctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("ping", help="check that mcrd answers")
-    sub.add_parser("version", help="the daemon's version")
-    sub.add_parser("status", help="daemon health, rule file, last reload, rule counts")
-    sub.add_parser("list", help="every rule with its id, origin, state and why it is pending")
-    stats = sub.add_parser("stats", help="per-rule and per-output counters and rates")
+    sub.add_parser("ping", parents=[common], help="check that mcrd answers")
+    sub.add_parser("version", parents=[common], help="the daemon's version")
+    sub.add_parser("status", parents=[common], help="daemon health, rule file, last reload, rule counts")
+    sub.add_parser(
+        "list", parents=[common], help="every rule with its id, origin, state and why it is pending"
+    )
+    stats = sub.add_parser("stats", parents=[common], help="per-rule and per-output counters and rates")
     stats.add_argument("-w", "--watch", action="store_true", help="refresh in place until interrupted")
     stats.add_argument(
         "-n", "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
     )
-    sub.add_parser("workers", help="worker processes")
+    sub.add_parser("workers", parents=[common], help="worker processes")
     sub.add_parser(
         "reload",
         help="re-read the rule file and apply it; waits for the outcome "
         "(exit 0 applied, 4 unchanged, 1 rejected)",
     )
-    add = sub.add_parser("add", help="add a runtime rule (MCR's mcrctl options)")
+    add = sub.add_parser("add", parents=[common], help="add a runtime rule (MCR's mcrctl options)")
     add.add_argument("--input-interface", required=True, metavar="IFACE")
     add.add_argument("--input-group", required=True, metavar="GROUP")
     add.add_argument("--input-port", required=True, type=int, metavar="PORT")
@@ -74,20 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--rate-bps", type=int, default=None, metavar="N", help="drop datagrams beyond N bits per second"
     )
-    remove = sub.add_parser("remove", help="remove a runtime rule")
+    remove = sub.add_parser("remove", parents=[common], help="remove a runtime rule")
     which = remove.add_mutually_exclusive_group(required=True)
     which.add_argument("--name")
     which.add_argument("--id", "--rule-id", dest="id", metavar="ID")
-    config = sub.add_parser("config", help="the running rules as TOML, check a file, save runtime rules")
+    config = sub.add_parser(
+        "config", parents=[common], help="the running rules as TOML, check a file, save runtime rules"
+    )
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
-    csub.add_parser("show", help="print the running rules as TOML, each with its origin")
-    check = csub.add_parser("check", help="would this file be accepted by a reload? (exit 0 yes, 1 no)")
+    csub.add_parser("show", parents=[common], help="print the running rules as TOML, each with its origin")
+    check = csub.add_parser(
+        "check", parents=[common], help="would this file be accepted by a reload? (exit 0 yes, 1 no)"
+    )
     check.add_argument("file", type=Path)
-    csub.add_parser("save", help="persist the runtime rules to the saved-rules file (atomically)")
-    level = sub.add_parser("log-level", help="get or set the daemon's log level")
+    csub.add_parser(
+        "save", parents=[common], help="persist the runtime rules to the saved-rules file (atomically)"
+    )
+    level = sub.add_parser("log-level", parents=[common], help="get or set the daemon's log level")
     lsub = level.add_subparsers(dest="action", metavar="ACTION", required=True)
-    lsub.add_parser("get")
-    lset = lsub.add_parser("set")
+    lsub.add_parser("get", parents=[common])
+    lset = lsub.add_parser("set", parents=[common])
     lset.add_argument("level", choices=["debug", "info", "warning", "error"])
     return p
 

@@ -52,11 +52,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
 class Daemon:
     """A real mcrd process in a namespace, on its own control socket."""
 
-    def __init__(self, ns: str, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        ns: str,
+        config: Path,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        socket: Path | None = None,
+    ) -> None:
         self.ns = ns
         self.env = env
         self.config = config
-        self.socket = workdir / "control.sock"
+        self.socket = socket or workdir / "control.sock"
         self.log = workdir / "mcrd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,8 @@ def accounts() -> Iterator[Accounts]:
         yield made
     finally:
         for user in made.users:
-            subprocess.run(["userdel", user], capture_output=True, check=False)
+            # --force: the daemon may still run workers as this user; it is stopped after us
+            subprocess.run(["userdel", "--force", user], capture_output=True, check=False)
         for group in made.groups:
             subprocess.run(["groupdel", group], capture_output=True, check=False)
 
@@ -122,3 +125,114 @@ def test_unknown_worker_user_is_a_configuration_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 78
     assert result.stderr == "mcrd: no such user 'no-such-user-here'\n"
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users can reach (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="mcrt-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_who_may_read_and_who_may_change(
+    net: Net, tmp_path: Path, daemons: list[Daemon], accounts: Accounts, public_dir: Path
+) -> None:
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if system_python is None:
+        pytest.skip("no system python3 to run mcrctl as another user")
+    # mcrctl needs only the standard library: a copy of the package anyone can read
+    shutil.copytree(Path(__file__).parent.parent / "mcrd", public_dir / "lib" / "mcrd")
+    readers = accounts.group("readers")
+    admins = accounts.group("admins")
+    outsider = accounts.user("outsider")
+    reader = accounts.user("reader", readers)
+    admin = accounts.user("admin", readers, admins)
+    config = tmp_path / "mcr.toml"
+    config.write_text(BASIC)
+    daemon = Daemon(
+        net.relay,
+        config,
+        tmp_path,
+        socket=public_dir / "run" / "control.sock",
+        env={
+            "MCRD_SOCKET_GROUP": readers,
+            "MCRD_ADMIN_GROUP": admins,
+            "MCRD_RUNTIME_RULES": str(tmp_path / "runtime.toml"),
+        },
+    )
+    daemons.append(daemon)
+    daemon.start()
+    mode = daemon.socket.stat()
+    assert oct(mode.st_mode & 0o777) == "0o660" and mode.st_gid == grp.getgrnam(readers).gr_gid
+    assert oct(daemon.socket.parent.stat().st_mode & 0o777) == "0o750"
+
+    def as_user(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "runuser",
+                "-u",
+                user,
+                "--",
+                system_python,
+                "-m",
+                "mcrd.ctl",
+                "--socket",
+                str(daemon.socket),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd="/",
+            env={"PYTHONPATH": str(public_dir / "lib"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+
+    denied = (
+        f"permission denied: 'reload' changes mcrd's state and needs root or a member of group {admins!r}"
+    )
+    result = as_user(outsider, "status")
+    assert result.returncode == 3 and "permission denied on" in result.stderr
+    assert as_user(reader, "status").returncode == 0
+    assert as_user(reader, "list").returncode == 0
+    assert as_user(reader, "stats", "--json").returncode == 0
+    result = as_user(reader, "reload")
+    assert result.returncode == 1 and result.stderr.strip() == f"mcrctl: reload: {denied}"
+    result = as_user(
+        reader,
+        "add",
+        "--input-interface",
+        "in0",
+        "--input-group",
+        "239.1.1.3",
+        "--input-port",
+        "5000",
+        "--outputs",
+        "239.2.2.3:6000:out0",
+    )
+    assert result.returncode == 1 and "permission denied: 'add'" in result.stderr
+    assert as_user(reader, "log-level", "set", "error").returncode == 1
+    assert as_user(admin, "status").returncode == 0
+    assert as_user(admin, "reload").returncode == 4  # allowed; nothing to change
+    added = as_user(
+        admin,
+        "add",
+        "--input-interface",
+        "in0",
+        "--input-group",
+        "239.1.1.3",
+        "--input-port",
+        "5000",
+        "--outputs",
+        "239.2.2.3:6000:out0",
+        "--name",
+        "by-admin",
+    )
+    assert added.returncode == 0, added.stderr
+    assert as_user(admin, "remove", "--name", "by-admin").returncode == 0
+    log = daemon.log.read_text()
+    assert f"control: refused 'reload' to uid {pwd.getpwnam(reader).pw_uid}" in log
