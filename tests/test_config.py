@@ -198,6 +198,21 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
     ),
     ("name-empty", rule(extra='name = ""\n'), ["bad.toml:2: rule 1: name: must not be empty"]),
     (
+        "rate-limit-empty",
+        rule(extra="rate_limit = {}\n"),
+        ["bad.toml:2: rule 1: rate_limit: give pps, bps or both"],
+    ),
+    (
+        "rate-limit-zero",
+        rule(extra="rate_limit = { pps = 0 }\n"),
+        ["bad.toml:2: rule 1: rate_limit.pps: must be at least 1 datagrams per second, got 0"],
+    ),
+    (
+        "rate-limit-unknown",
+        rule(extra="rate_limit = { mbps = 10 }\n"),
+        ["bad.toml:2: rule 1: rate_limit.mbps: unknown key (did you mean 'bps'?)"],
+    ),
+    (
         "input-not-table",
         '[[rule]]\ninput = "eth0"\noutputs = [ ' + GOOD_OUT + " ]\n",
         ["bad.toml:2: rule 1: input: must be a table, got a string 'eth0'"],

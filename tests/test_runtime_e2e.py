@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -318,3 +321,30 @@ def test_limits_on_rules_and_clients_while_relaying(net: Net, tmp_path: Path, da
             sender.join()
         wait_until(lambda: len(rx.seqs(7)) >= sent[0], what="the stream")
     assert rx.seqs(7) == list(range(sent[0])), "abusive clients disturbed the data path"
+
+
+def test_stats_watch_refreshes_in_place(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = start(net, tmp_path, daemons)
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mcrd.ctl",
+            "--socket",
+            str(daemon.socket),
+            "stats",
+            "--watch",
+            "--interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert watcher.stdout is not None
+    frames = 0
+    for line in watcher.stdout:
+        frames += "mcrd stats (every 0.2s, ^C to stop)" in line
+        if frames == 2:  # it has redrawn once
+            break
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(10) == 0
