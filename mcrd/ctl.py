@@ -59,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
     )
     sub.add_parser("workers", parents=[common], help="worker processes")
-    sub.add_parser(
+    reload = sub.add_parser(
         "reload",
+        parents=[common],
         help="re-read the rule file and apply it; waits for the outcome "
         "(exit 0 applied, 4 unchanged, 1 rejected)",
+    )
+    reload.add_argument(
+        "--unchanged-ok", action="store_true", help="exit 0 when nothing changed (for ExecReload=)"
     )
     add = sub.add_parser("add", parents=[common], help="add a runtime rule (MCR's mcrctl options)")
     add.add_argument("--input-interface", required=True, metavar="IFACE")
@@ -315,9 +319,10 @@ SHOW: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def exit_code(command: str, result: dict[str, Any]) -> int:
+def exit_code(command: str, result: dict[str, Any], unchanged_ok: bool = False) -> int:
     if command == "reload":
-        return {"applied": EX_OK, "unchanged": EX_UNCHANGED}.get(result["result"], EX_ERROR)
+        unchanged = EX_OK if unchanged_ok else EX_UNCHANGED
+        return {"applied": EX_OK, "unchanged": unchanged}.get(result["result"], EX_ERROR)
     if command == "config.check":
         return EX_OK if result["valid"] else EX_ERROR
     return EX_OK
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcrctl: {path}: {exc}", file=sys.stderr)
         return EX_UNREACHABLE
     print(json.dumps(result, indent=2) if args.json else SHOW[command](result))
-    return exit_code(command, result)
+    return exit_code(command, result, getattr(args, "unchanged_ok", False))
 
 
 if __name__ == "__main__":

@@ -64,12 +64,18 @@ def resolve_identity(user: str, group: str | None) -> tuple[int, int]:
 
 def drop_privileges(uid: int, gid: int) -> None:
     """Become uid:gid with no supplementary groups and no capabilities, for good."""
-    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    for cap in range(last_cap + 1):  # needs CAP_SETPCAP, which we still have
+    try:
+        last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except OSError:  # /proc/sys hidden (systemd's ProcSubset=pid): try them all
+        last_cap = 63
+    for cap in range(last_cap + 1):  # needs CAP_SETPCAP, which root still has here
         try:
             _prctl(PR_CAPBSET_DROP, cap)
         except OSError:
-            break  # not ours to drop (no CAP_SETPCAP): capset below still empties the rest
+            # EINVAL: past the last capability. EPERM: no CAP_SETPCAP (mcrd runs
+            # as its own user): the bounding set stays, but capset below still
+            # empties every set that could be used, and no_new_privs keeps it so.
+            break
     if os.getuid() == 0 or os.geteuid() == 0 or (os.getgid(), os.getuid()) != (gid, uid):
         os.setgroups([])
         os.setresgid(gid, gid, gid)

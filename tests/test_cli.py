@@ -159,3 +159,15 @@ def test_repeated_log_messages_are_rate_limited() -> None:
     again = record("worker %d is late")
     assert limit.filter(again)
     assert again.msg == "worker %d is late (7 similar message(s) suppressed)"
+
+
+def test_changelogs_agree_on_the_version() -> None:
+    import re
+
+    import mcrd
+
+    root = Path(__file__).parent.parent
+    debian = (root / "debian" / "changelog").read_text().splitlines()[0]
+    assert debian.startswith(f"mcrd ({mcrd.__version__})")
+    released = re.findall(r"^## \[(\d[^\]]*)\]", (root / "CHANGELOG.md").read_text(), re.M)
+    assert released[0] == mcrd.__version__

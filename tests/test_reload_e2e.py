@@ -238,6 +238,7 @@ def test_sighup_and_mcrctl_reload_are_the_same_reload(
 
     unchanged = mcrctl(daemon.socket, "reload", check=False)
     assert unchanged.returncode == 4 and unchanged.stdout.strip() == "unchanged (5 rule(s))"
+    assert mcrctl(daemon.socket, "reload", "--unchanged-ok", check=False).returncode == 0
     daemon.config.write_text(BROKEN["bad-port"])
     rejected = mcrctl(daemon.socket, "reload", check=False)
     assert rejected.returncode == 1
