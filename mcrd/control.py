@@ -46,7 +46,7 @@ class ProtocolError(Exception):
 def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
     try:
         request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also absurd nesting or numbers
         raise ProtocolError("bad-request", f"request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise ProtocolError("bad-request", "request must be a JSON object")
@@ -240,6 +240,14 @@ def claim_socket_path(path: Path, gid: int | None = None) -> None:
         path.parent.mkdir(mode=0o750 if gid is not None else 0o700, parents=True)
         if gid is not None:
             os.chown(path.parent, -1, gid)
+    elif (
+        gid is not None
+        and path.parent.stat().st_uid == os.geteuid()
+        and not path.parent.stat().st_mode & 0o002
+    ):
+        # e.g. systemd's RuntimeDirectory=: ours, but not yet the group's
+        os.chown(path.parent, -1, gid)
+        os.chmod(path.parent, path.parent.stat().st_mode | 0o050)
     if not path.exists() and not path.is_symlink():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

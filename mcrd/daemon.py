@@ -17,6 +17,7 @@ import asyncio
 import grp
 import logging
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -122,13 +123,23 @@ def _gid(name: str | None, key: str) -> int | None:
         raise ValueError(f"no such group {name!r} ({key})") from None
 
 
-def control_access(settings: DaemonSettings) -> Access:
+def control_access(settings: DaemonSettings, identity: tuple[int, int]) -> Access:
+    # mcrd's own user may do everything, unless the workers share it: a
+    # compromised worker must not be able to reconfigure the relay.
+    own = os.geteuid()
     return Access(
-        own_uid=os.geteuid(),
+        own_uid=0 if own == identity[0] else own,
         socket_gid=_gid(settings.socket_group, "socket_group"),
         admin_gid=_gid(settings.admin_group, "admin_group"),
         admin_group=settings.admin_group,
     )
+
+
+def raise_fd_limit() -> None:
+    """A socket per group membership: up to max_rules of them, beyond the usual 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def load_saved(path: Path) -> list[RuleSpec]:
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_config(path, missing_ok=not args.check)
         settings = DaemonSettings.resolve(cli, loaded.daemon)
         identity = worker_identity(settings)
-        access = control_access(settings)
+        access = control_access(settings, identity)
         saved = load_saved(settings.runtime_rules)
         book = RuleBook(
             tuple(loaded.rules), tuple(saved), frozenset(r.key for r in saved), settings.max_rules
@@ -203,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: OK, {len(loaded.rules)} rule(s){extra}")
         return EX_OK
     setup_logging(settings.log_level)
+    raise_fd_limit()
     relay = Relay(settings, cli, loaded, book, identity, access)
     try:
         return asyncio.run(relay.run())

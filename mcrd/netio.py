@@ -10,8 +10,9 @@ import ctypes
 import errno
 import socket
 import struct
+from collections.abc import Iterable
 
-from mcrd.packet import drop_all_filter
+from mcrd.packet import FilterEntry, compile_filters, drop_all_filter
 
 ETH_P_IP = 0x0800
 SOL_PACKET = 263
@@ -52,8 +53,28 @@ def _force_buffer(sock: socket.socket, force_opt: int, plain_opt: int, size: int
         sock.setsockopt(socket.SOL_SOCKET, plain_opt, size)
 
 
-def open_packet_socket(interface: str, program: bytes) -> socket.socket:
-    """An AF_PACKET receive socket on one interface, filtered in the kernel.
+def attach_best_filter(sock: socket.socket, entries: Iterable[FilterEntry]) -> int:
+    """Attach the most precise filter the kernel accepts; returns its precision.
+
+    Replacing a filter charges the new one to the socket before the old one
+    is released, so a large swap can fail with ENOMEM under
+    net.core.optmem_max (20 KiB on many kernels): then a coarser one goes in,
+    and the worker matches the rest.
+    """
+    candidates = compile_filters(entries)
+    for program, precision in candidates:
+        try:
+            attach_filter(sock, program)
+            return precision
+        except OSError as exc:
+            if exc.errno not in (errno.ENOMEM, errno.EINVAL) or precision == 0:
+                raise
+    raise AssertionError("unreachable: the last candidate raises or returns")
+
+
+def open_packet_socket(interface: str, entries: Iterable[FilterEntry]) -> tuple[socket.socket, int]:
+    """An AF_PACKET receive socket on one interface, filtered in the kernel,
+    and the precision of its filter.
 
     Created with protocol 0 so that it receives nothing until the filter is
     attached and it is bound: no foreign frame slips in between.
@@ -61,7 +82,7 @@ def open_packet_socket(interface: str, program: bytes) -> socket.socket:
     index = ifindex(interface)
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
     try:
-        attach_filter(sock, program)
+        precision = attach_best_filter(sock, entries)
         # Bound to ETH_P_IP, the socket only sees incoming frames already;
         # this keeps our own transmissions out should the binding ever widen.
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
@@ -73,7 +94,7 @@ def open_packet_socket(interface: str, program: bytes) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, precision
 
 
 def _sockaddr_in(addr: str) -> bytes:
@@ -114,8 +135,8 @@ def open_sink(address: str, port: int) -> socket.socket | None:
         sock.bind((address, port))
     except OSError as exc:
         sock.close()
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
-            return None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EACCES):
+            return None  # not local, taken, or a port below 1024 without CAP_NET_BIND_SERVICE
         raise
     return sock
 

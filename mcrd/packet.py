@@ -175,14 +175,23 @@ def build_filter(entries: Iterable[FilterEntry], precision: int = 2) -> list[Ins
     return a.assemble()
 
 
-def compile_filter(entries: Iterable[FilterEntry]) -> tuple[bytes, int]:
-    """The most precise filter that fits the kernel's limit, and its precision."""
+def compile_filters(entries: Iterable[FilterEntry]) -> list[tuple[bytes, int]]:
+    """The filters within the kernel's instruction limit, most precise first,
+    with their precision. The last one (precision 0) is a few instructions
+    and always fits; the caller falls back to it when the kernel refuses a
+    larger one (socket option memory, net.core.optmem_max)."""
     listed = list(entries)
+    found = []
     for precision in (2, 1, 0):
         program = build_filter(listed, precision)
         if len(program) <= BPF_MAXINSNS:
-            return b"".join(_SOCK_FILTER.pack(*insn) for insn in program), precision
-    raise AssertionError("unreachable: the precision-0 filter is constant")
+            found.append((b"".join(_SOCK_FILTER.pack(*insn) for insn in program), precision))
+    return found
+
+
+def compile_filter(entries: Iterable[FilterEntry]) -> tuple[bytes, int]:
+    """The most precise filter that fits the kernel's limit, and its precision."""
+    return compile_filters(entries)[0]
 
 
 def drop_all_filter() -> bytes:

@@ -69,12 +69,12 @@ class RuleBook:
     def problems(self) -> list[str]:
         """What is wrong with the set as a whole; empty when it can run."""
         rules = [*self.file, *self.runtime] if self.newer == "runtime" else [*self.runtime, *self.file]
+        if len(rules) > self.max_rules:  # before the checks whose cost grows with the count
+            return [f"{len(rules)} rules exceed the limit of {self.max_rules} (max_rules)"]
         errors = [
             f"{self.label(rules[i])}: {msg}"
             for i, msg in check_rule_set(rules, lambda _i, spec: self.label(spec))
         ]
-        if len(rules) > self.max_rules:
-            errors.append(f"{len(rules)} rules exceed the limit of {self.max_rules} (max_rules)")
         return errors
 
     def with_file(self, rules: Iterable[RuleSpec]) -> RuleBook:

@@ -274,22 +274,72 @@ def feeds(dest: Destination, key: RuleKey) -> bool:
 
 
 def _check_cycles(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]]:
-    edges: dict[int, list[int]] = {i: [] for i in range(len(rules))}
+    """One error per set of rules that feed each other; linear in rules and outputs."""
+    by_input: dict[tuple[str, int], list[int]] = {}
+    for j, rule in enumerate(rules):
+        by_input.setdefault((rule.input.group, rule.input.port), []).append(j)
+    edges: dict[int, list[int]] = {}
     for i, rule in enumerate(rules):
+        targets: dict[int, None] = {}
         for dest in rule.destinations():
-            for j, other in enumerate(rules):
-                if j != i and feeds(dest, other.key) and j not in edges[i]:
-                    edges[i].append(j)
+            for j in by_input.get((dest.group, dest.port), []):
+                if j != i and feeds(dest, rules[j].key):
+                    targets[j] = None
+        edges[i] = list(targets)
     errors = []
-    reported: set[frozenset[int]] = set()
-    for start in range(len(rules)):
-        cycle = _find_cycle(start, edges)
-        if cycle is None or frozenset(cycle) in reported:
+    for component in _strongly_connected(edges):
+        if len(component) < 2:
             continue
-        reported.add(frozenset(cycle))
+        start = min(component)
+        cycle = _find_cycle(start, {k: [n for n in edges[k] if n in component] for k in component})
+        assert cycle is not None  # a strongly connected component of two or more has one
         path = " -> ".join(label(k, rules[k]) for k in [*cycle, cycle[0]])
-        errors.append((min(cycle), f"rules feed each other in a cycle: {path}"))
+        errors.append((start, f"rules feed each other in a cycle: {path}"))
     return errors
+
+
+def _strongly_connected(edges: dict[int, list[int]]) -> list[set[int]]:
+    """Tarjan's algorithm, without recursion (a rule set may be large)."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[int] = []
+    found: list[set[int]] = []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, 0)]
+        while work:
+            node, pos = work.pop()
+            if pos == 0:
+                index[node] = low[node] = len(index)
+                stack.append(node)
+                on_stack.add(node)
+            recurse = False
+            for k in range(pos, len(edges[node])):
+                nxt = edges[node][k]
+                if nxt not in index:
+                    work.append((node, k + 1))
+                    work.append((nxt, 0))
+                    recurse = True
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            if recurse:
+                continue
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                found.append(component)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return found
 
 
 def _find_cycle(start: int, edges: dict[int, list[int]]) -> list[int] | None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
-from mcrd.packet import DROP_REASONS, FilterEntry, compile_filter, ip_to_int
+from mcrd.packet import DROP_REASONS, FilterEntry, ip_to_int
 from mcrd.rulebook import rule_id
 from mcrd.rules import Destination, RuleSpec, is_multicast
 
@@ -172,6 +171,34 @@ def add_counters(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return total
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def valid_stats(reply: Any) -> bool:
+    """Whether a worker's stats reply has the shape the supervisor adds up.
+
+    Workers run unprivileged and parse hostile packets: what they send is
+    checked before the supervisor uses it.
+    """
+    try:
+        if not (_count(reply["received"]) and all(_count(reply["drops"].get(k, 0)) for k in DROP_REASONS)):
+            return False
+        for counters in reply["rules"].values():
+            if not all(_count(counters.get(k, 0)) for k in ("packets", "bytes", "limited")):
+                return False
+            for out in counters["outputs"]:
+                if not (
+                    isinstance(out["destination"], str)
+                    and isinstance(out.get("last_error", ""), str)
+                    and all(_count(out[k]) for k in ("packets", "bytes", "errors"))
+                ):
+                    return False
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return isinstance(reply["rules"], dict)
+
+
 def filter_entries(specs: Iterable[RuleSpec]) -> set[FilterEntry]:
     return {
         FilterEntry(
@@ -297,24 +324,29 @@ class Supervisor:
             for name, specs in wanted.items():
                 port = self.ports.setdefault(name, InputPort(name))
                 port.rules = specs
-                link = self._link(name)
-                if link is None:
-                    if port.open:
-                        log.warning("input %s: interface is gone; its rules are pending", name)
-                    await self._close_port(port, f"no interface named {name!r}")
-                elif port.open and port.ifindex == link.index:
-                    await self._update_port(port)
-                else:
-                    if port.open:
-                        log.warning(
-                            "input %s: interface was replaced (index %s -> %s)",
-                            name,
-                            port.ifindex,
-                            link.index,
-                        )
-                        await self._close_port(port, "interface replaced")
-                    self._open_port(port, link)
+                try:
+                    await self._converge_port(port)
+                except Exception as exc:  # one port's trouble must not stop the others
+                    log.exception("input %s: could not apply its rules", name)
+                    port.reason = f"error: {exc}"
             self._close_unused_outputs()
+
+    async def _converge_port(self, port: InputPort) -> None:
+        name = port.interface
+        link = self._link(name)
+        if link is None:
+            if port.open:
+                log.warning("input %s: interface is gone; its rules are pending", name)
+            await self._close_port(port, f"no interface named {name!r}")
+        elif port.open and port.ifindex == link.index:
+            await self._update_port(port)
+        else:
+            if port.open:
+                log.warning(
+                    "input %s: interface was replaced (index %s -> %s)", name, port.ifindex, link.index
+                )
+                await self._close_port(port, "interface replaced")
+            self._open_port(port, link)
 
     def _open_outputs(self) -> None:
         for spec in self.rules:
@@ -349,8 +381,9 @@ class Supervisor:
 
     def _open_port(self, port: InputPort, link: Link) -> None:
         try:
-            program, port.precision = compile_filter(filter_entries(port.rules))
-            port.packet_sock = netio.open_packet_socket(port.interface, program)
+            port.packet_sock, port.precision = netio.open_packet_socket(
+                port.interface, filter_entries(port.rules)
+            )
             port.programmed = filter_entries(port.rules)
             port.ifindex = link.index
             self._sync_holds(port)
@@ -394,12 +427,10 @@ class Supervisor:
         if new != port.programmed:
             # Narrow first (nothing the new table lacks reaches the worker),
             # swap the worker's table, then widen to the new rules.
-            program, _ = compile_filter(port.programmed & new)
-            netio.attach_filter(port.packet_sock, program)
+            netio.attach_best_filter(port.packet_sock, port.programmed & new)
         await self._push_config(port)
         if new != port.programmed:
-            program, port.precision = compile_filter(new)
-            netio.attach_filter(port.packet_sock, program)
+            port.precision = netio.attach_best_filter(port.packet_sock, new)
             port.programmed = new
         port.prune_counters()
 
@@ -499,6 +530,7 @@ class Supervisor:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the current directory on sys.path: the worker starts as root
                 "-m",
                 "mcrd.worker",
                 str(theirs.fileno()),
@@ -507,6 +539,7 @@ class Supervisor:
                 "--gid",
                 str(self.identity[1]),
                 pass_fds=(theirs.fileno(),),
+                cwd="/",
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -550,7 +583,11 @@ class Supervisor:
                 worker.close()
                 if self.stopping:
                     return
-                port.carry_counters()
+                try:
+                    port.carry_counters()
+                except (KeyError, TypeError) as exc:  # never let counters stop the restarts
+                    log.error("input %s: dropping unreadable counters: %s", port.interface, exc)
+                    port.samples.clear()
                 port.state = "restarting"
                 port.reason = f"worker {worker.pid} exited with status {status}"
                 port.restarts += 1
@@ -575,7 +612,14 @@ class Supervisor:
                     self.worker_timeout,
                 )
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGKILL)
+                    worker.process.kill()
+            return
+        if not valid_stats(reply):
+            log.error(
+                "input %s: worker %d sent malformed counters; restarting it", port.interface, worker.pid
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
             return
         if port.worker is worker:
             port.samples = [*port.samples[-1:], (time.monotonic(), reply)]

@@ -218,3 +218,35 @@ def test_slow_clients_time_out_and_too_many_are_turned_away(tmp_path: Path) -> N
             assert call(path, "echo", {}) == {"echo": {}}
 
     asyncio.run(_with_server(tmp_path, body))
+
+
+def test_worker_stats_are_checked_before_use() -> None:
+    from mcrd.supervisor import valid_stats
+
+    out = {"destination": "d", "packets": 1, "bytes": 2, "errors": 0, "last_error": ""}
+    good = {
+        "received": 1,
+        "drops": {"fragment": 0},
+        "rules": {"k": {"packets": 1, "bytes": 2, "outputs": [out]}},
+    }
+    assert valid_stats(good)
+    bads: list[Any] = [
+        {"id": 3},
+        {**good, "received": "1"},
+        {**good, "received": -1},
+        {**good, "drops": []},
+        {**good, "rules": {"k": {"packets": True, "bytes": 0, "outputs": []}}},
+        {**good, "rules": {"k": {"packets": 1, "bytes": 0, "outputs": [{**out, "errors": None}]}}},
+        {**good, "rules": {"k": {"packets": 1, "bytes": 0}}},
+        {**good, "rules": []},
+        [],
+    ]
+    for bad in bads:
+        assert not valid_stats(bad), bad
+
+
+def test_deeply_nested_or_huge_numbers_are_bad_requests() -> None:
+    for line in (b"[" * 100_000 + b"]" * 100_000, b'{"version": 1' + b"0" * 5000 + b"}"):
+        with pytest.raises(ProtocolError) as info:
+            decode_request(line)
+        assert info.value.code == "bad-request"

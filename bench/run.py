@@ -1,0 +1,414 @@
+"""mcrd's benchmark: mcrd against socat and the kernel's multicast forwarding.
+
+    python bench/run.py [--rounds 3] [--seconds 2] [--quick]
+
+Builds a topology of namespaces (generator -> relay -> four sinks, each on its
+own veth), compiles the C generator, then for each case (payload size x
+number of outputs) runs the relays in turn, interleaved and repeated
+(A B C A B C ...), and finds for each the highest offered rate delivered with
+at most 0.1% loss to every sink (a doubling ladder, then bisection). Delivery
+is counted from the sinks' interface counters, so sinks cost nothing. Also
+measured at the end of each ladder: the relay's CPU time per datagram.
+Prints a table of medians (min-max) and ratios measured in this run.
+Needs root; removes everything it created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mcrd.control import ControlError, call
+from mcrd.lab import Lab
+
+HERE = Path(__file__).resolve().parent
+LOSS = 0.001
+GEN_CPU, RELAY_CPU = "0", "1"
+SINKS = 4
+
+
+@dataclass
+class Net:
+    lab: Lab
+    gen: str
+    relay: str
+    sinks: list[str]
+
+
+def build_net(lab: Lab) -> Net:
+    gen, relay = lab.netns("gen"), lab.netns("relay")
+    lab.link(gen, "eth0", relay, "in0", "192.0.2.10/24", "192.0.2.1/24")
+    sinks = []
+    for k in range(SINKS):
+        sink = lab.netns(f"sink{k}")
+        lab.link(relay, f"out{k}", sink, "eth0", f"198.51.100.{64 * k + 1}/26", f"198.51.100.{64 * k + 2}/26")
+        sinks.append(sink)
+    return Net(lab, gen, relay, sinks)
+
+
+def rx_packets(ns: str) -> int:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/sys/class/net/eth0/statistics/rx_packets"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (mcrd's workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            continue
+    return total / tick
+
+
+class Relay:
+    name = "?"
+
+    def start(self, net: Net, outputs: int) -> None: ...
+
+    def pids(self) -> list[int]:
+        return []
+
+    def stop(self) -> None: ...
+
+
+class Mcrd(Relay):
+    name = "mcrd"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = Path(tempfile.mkdtemp(prefix="mcrb-"))
+
+    def start(self, net: Net, outputs: int) -> None:
+        outs = ", ".join(
+            f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000 }}' for k in range(outputs)
+        )
+        config = self.dir / "mcr.toml"
+        config.write_text(
+            f'[[rule]]\ninput = {{ interface = "in0", group = "239.1.1.1", port = 5000 }}\n'
+            f"outputs = [ {outs} ]\n"
+        )
+        sock = self.dir / "control.sock"
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                net.relay,
+                "taskset",
+                "-c",
+                RELAY_CPU,
+                sys.executable,
+                "-m",
+                "mcrd.daemon",
+                "--config",
+                str(config),
+                "--control-socket",
+                str(sock),
+                "--log-level",
+                "warning",
+                "--no-watch",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "MCRD_RUNTIME_RULES": str(self.dir / "runtime.toml")},
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if all(r["state"] == "active" for r in call(sock, "list", timeout=1)["rules"]):
+                    return
+            except (OSError, ControlError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("mcrd did not start")
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc is not None else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+            self.proc = None
+
+
+class Socat(Relay):
+    """As MCR's own comparison runs it: one socat per output."""
+
+    name = "socat"
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, net: Net, outputs: int) -> None:
+        for k in range(outputs):
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        net.relay,
+                        "taskset",
+                        "-c",
+                        RELAY_CPU,
+                        "socat",
+                        "-u",
+                        "UDP4-RECV:5000,ip-add-membership=239.1.1.1:in0,reuseaddr,rcvbuf=8388608",
+                        f"UDP4-SENDTO:239.2.2.2:6000,ip-multicast-if=198.51.100.{64 * k + 1},sndbuf=8388608",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(0.3)  # socat has no readiness signal; its sockets open within milliseconds
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(10)
+        self.procs.clear()
+
+
+class Kernel(Relay):
+    """The kernel's multicast routing: forwards without rewriting."""
+
+    name = "kernel"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, net: Net, outputs: int) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                net.relay,
+                sys.executable,
+                str(HERE / "mrt.py"),
+                "192.0.2.10",
+                "239.1.1.1",
+                "in0",
+                *[f"out{k}" for k in range(outputs)],
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("mrt.py failed")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+            self.proc = None
+
+
+@dataclass
+class Trial:
+    offered: float
+    sent: int
+    delivered: int  # by the worst sink
+
+    @property
+    def loss(self) -> float:
+        return 1 - self.delivered / self.sent if self.sent else 1.0
+
+
+def trial(net: Net, gen: Path, outputs: int, size: int, pps: float, seconds: float) -> Trial:
+    before = [rx_packets(s) for s in net.sinks[:outputs]]
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            net.gen,
+            "taskset",
+            "-c",
+            GEN_CPU,
+            str(gen),
+            "239.1.1.1",
+            "5000",
+            str(size),
+            str(pps),
+            str(seconds),
+            "eth0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sent, achieved = out.stdout.split()
+    time.sleep(0.3)  # let queues drain before reading the counters
+    after = [rx_packets(s) for s in net.sinks[:outputs]]
+    delivered = min(a - b for a, b in zip(after, before, strict=True))
+    return Trial(float(achieved), int(sent), delivered)
+
+
+def max_rate(
+    run_trial: Callable[[float], Trial], start: float, ceiling: float, steps: int
+) -> tuple[float, bool]:
+    """Highest offered rate with loss <= 0.1%; True when the generator, not the relay, was the limit."""
+    good, bad = 0.0, None
+    rate = start
+    while rate <= ceiling:
+        t = run_trial(rate)
+        if t.offered < rate * 0.97:  # the generator could not offer this much
+            return max(good, t.offered if t.loss <= LOSS else good), True
+        if t.loss <= LOSS:
+            good = t.offered
+            rate *= 2
+        else:
+            bad = rate
+            break
+    if bad is None:
+        return good, True
+    for _ in range(steps):
+        mid = (good + bad) / 2
+        t = run_trial(mid)
+        if t.loss <= LOSS:
+            good = max(good, t.offered)
+        else:
+            bad = mid
+    return good, False
+
+
+@dataclass
+class Result:
+    rates: list[float] = field(default_factory=list)
+    limited: bool = False
+    cpu_us: list[float] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each trial")
+    p.add_argument("--quick", action="store_true", help="one small case, one round: a smoke run")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root", file=sys.stderr)
+        return 2
+    for tool in ("cc", "socat", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing (apt-get install gcc socat util-linux)", file=sys.stderr)
+            return 2
+    build = Path(tempfile.mkdtemp(prefix="mcrb-"))
+    gen = build / "gen"
+    subprocess.run(["cc", "-O2", "-o", str(gen), str(HERE / "gen.c")], check=True)
+    cases = [(64, 1)] if args.quick else [(64, 1), (1024, 1), (64, 4), (1024, 4)]
+    rounds = 1 if args.quick else args.rounds
+    seconds = 0.5 if args.quick else args.seconds
+    steps = 1 if args.quick else 4
+    relays: list[Relay] = [Mcrd(), Socat(), Kernel()]
+    results: dict[tuple[int, int, str], Result] = {}
+    with Lab("mcrb-") as lab:
+        net = build_net(lab)
+        for size, outputs in cases:
+            for rnd in range(rounds):
+                for relay in relays:
+                    relay.start(net, outputs)
+                    try:
+                        rate, limited = max_rate(
+                            functools.partial(trial, net, gen, outputs, size, seconds=seconds),
+                            20_000.0,
+                            4_000_000.0,
+                            steps,
+                        )
+                        res = results.setdefault((size, outputs, relay.name), Result())
+                        res.rates.append(rate)
+                        res.limited |= limited
+                        pids = relay.pids()
+                        if pids and rate:
+                            c0 = cpu_seconds(pids)
+                            t = trial(net, gen, outputs, size, rate * 0.8, seconds)
+                            res.cpu_us.append((cpu_seconds(pids) - c0) / max(t.sent, 1) * 1e6)
+                    finally:
+                        relay.stop()
+                    print(
+                        f"  {size:>5} B x{outputs} round {rnd + 1} {relay.name:>6}: {rate:>10,.0f} pps",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    shutil.rmtree(build, ignore_errors=True)
+    print(report(results, cases, rounds))
+    return 0
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):>10,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, int]], rounds: int) -> str:
+    lines = [
+        f"max rate with <= {LOSS:.1%} loss to every sink, datagrams/s: median (min-max) of {rounds} round(s)",
+        "",
+        f"{'case':<12}{'mcrd':>30}{'socat':>30}{'kernel':>30}{'mcrd/socat':>12}{'mcrd/kernel':>12}"
+        f"{'mcrd us/pkt':>13}",
+    ]
+    for size, outputs in cases:
+        row = f"{size} B x{outputs}".ljust(12)
+        med = {}
+        for name in ("mcrd", "socat", "kernel"):
+            res = results.get((size, outputs, name))
+            if res is None or not res.rates:
+                row += f"{'-':>30}"
+                continue
+            med[name] = statistics.median(res.rates)
+            row += f"{_fmt(res.rates) + (' *' if res.limited else ''):>30}"
+        ratio = {k: med["mcrd"] / med[k] if med.get(k) else float("nan") for k in ("socat", "kernel")}
+        cpu = results.get((size, outputs, "mcrd"))
+        row += f"{ratio['socat']:>12.2f}{ratio['kernel']:>12.2f}"
+        row += f"{statistics.median(cpu.cpu_us):>13.2f}" if cpu and cpu.cpu_us else f"{'-':>13}"
+        lines.append(row)
+    lines.append("")
+    lines.append("* the generator, not the relay, was the limit in at least one round")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

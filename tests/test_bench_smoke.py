@@ -1,0 +1,33 @@
+"""A short run of the benchmark harness, so that it cannot rot.
+
+Not a speed test: it checks that every relay was measured and the table
+printed. Speed is judged from full runs (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import needs_root
+
+pytestmark = [needs_root, pytest.mark.netns]
+
+
+def test_bench_quick_run_measures_every_relay() -> None:
+    for tool in ("cc", "socat", "taskset"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
+    bench = Path(__file__).parent.parent / "bench" / "run.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("64 B x1"))
+    medians = [float(m.replace(",", "")) for m in re.findall(r"([\d,]+) \(", row)]
+    assert len(medians) == 3 and all(m > 0 for m in medians), row
