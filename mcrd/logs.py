@@ -1,14 +1,16 @@
 """Logging setup, with repeated messages rate-limited.
 
-A burst of the same message (same logger, same format string) is let
-through, then suppressed until the window ends; the next one that passes
-says how many were suppressed. Keeps a flapping interface or a flood of
+A burst of the same message (same logger, same text) is let through, then
+suppressed until the window ends; the next one that passes says how many
+were suppressed. Messages that only share a format string (every reload's
+outcome, say) are different messages and all pass. Keeps a flapping interface or a flood of
 bad control clients from flooding the journal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ class RateLimit(logging.Filter):
         self.seen: dict[tuple[str, str], tuple[float, int, int]] = {}  # start, passed, suppressed
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg))
+        key = (record.name, record.getMessage())
         now = self.clock()
         start, passed, suppressed = self.seen.get(key, (now, 0, 0))
         if now - start >= self.window:
@@ -36,7 +38,8 @@ class RateLimit(logging.Filter):
             self.seen[key] = (start, passed, suppressed + 1)
             return False
         if suppressed:
-            record.msg = f"{record.msg} ({suppressed} similar message(s) suppressed)"
+            record.msg = f"{record.getMessage()} ({suppressed} identical message(s) suppressed)"
+            record.args = None
         self.seen[key] = (start, passed + 1, 0)
         if len(self.seen) > 4096:  # bounded, whatever the variety of messages
             self.seen.clear()
@@ -50,7 +53,9 @@ def setup_logging(level: str) -> None:
     for noisy in NOISY_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # journald stamps each line itself; elsewhere (a terminal, a test's log) we do.
+    stamp = "" if "JOURNAL_STREAM" in os.environ else "%(asctime)s "
+    handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]

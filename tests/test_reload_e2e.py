@@ -54,7 +54,7 @@ def reloads(daemon: Daemon) -> tuple[int, Any]:
     return status["reloads"], status["last_reload"]
 
 
-def wait_reload(daemon: Daemon, after: int, timeout: float = 5.0) -> Any:
+def wait_reload(daemon: Daemon, after: int, timeout: float = 15.0) -> Any:
     """Wait for the reload after the `after`-th and return its outcome."""
     result: list[Any] = []
 
