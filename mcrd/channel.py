@@ -42,7 +42,12 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
         for fd in fds:
             socket.close(fd)
         return None
-    message = json.loads(data)
-    if not isinstance(message, dict):
-        raise ValueError("channel message is not an object")
+    try:
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ValueError("channel message is not an object")
+    except (ValueError, RecursionError):
+        for fd in fds:  # not leaked with the garbage they came with
+            socket.close(fd)
+        raise ValueError("channel message is not a JSON object") from None
     return message, fds

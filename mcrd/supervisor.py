@@ -71,13 +71,17 @@ class WorkerLink:
         return self.process.pid
 
     def _readable(self) -> None:
-        while True:
+        for _ in range(64):  # then let the loop breathe: a chatty worker must not starve it
             try:
                 got = channel.receive(self.chan)
             except BlockingIOError:
                 return
             except (OSError, ValueError) as exc:
-                log.warning("worker %d sent something unreadable: %s", self.pid, exc)
+                # A worker that speaks garbage is broken or compromised: it goes,
+                # and the supervisor starts a fresh one.
+                log.error("worker %d sent something unreadable (%s); killing it", self.pid, exc)
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
                 got = None
             if got is None:
                 self.close()

@@ -250,3 +250,18 @@ def test_deeply_nested_or_huge_numbers_are_bad_requests() -> None:
         with pytest.raises(ProtocolError) as info:
             decode_request(line)
         assert info.value.code == "bad-request"
+
+
+def test_channel_garbage_is_refused_and_its_descriptors_closed() -> None:
+    from mcrd import channel
+
+    ours, theirs = channel.socketpair()
+    with ours, theirs:
+        before = len(os.listdir("/proc/self/fd"))
+        with open("/dev/null") as passenger:
+            socket.send_fds(theirs, [b"not json"], [passenger.fileno()])
+        with pytest.raises(ValueError, match="not a JSON object"):
+            channel.receive(ours)
+        assert len(os.listdir("/proc/self/fd")) == before
+        channel.send(theirs, {"op": "stats", "id": 1})
+        assert channel.receive(ours) == ({"op": "stats", "id": 1}, [])
