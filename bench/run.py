@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrd.control import ControlError, call
+from mcrd.demo import wait_ready
 from mcrd.lab import Lab
 
 HERE = Path(__file__).resolve().parent
@@ -112,9 +112,9 @@ class Relay:
 class Mcrd(Relay):
     name = "mcrd"
 
-    def __init__(self) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
-        self.dir = Path(tempfile.mkdtemp(prefix="mcrb-"))
+        self.dir = workdir
 
     def start(self, net: Net, outputs: int) -> None:
         outs = ", ".join(
@@ -150,15 +150,7 @@ class Mcrd(Relay):
             stderr=subprocess.DEVNULL,
             env={**os.environ, "MCRD_RUNTIME_RULES": str(self.dir / "runtime.toml")},
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if all(r["state"] == "active" for r in call(sock, "list", timeout=1)["rules"]):
-                    return
-            except (OSError, ControlError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("mcrd did not start")
+        wait_ready(sock, self.proc)
 
     def pids(self) -> list[int]:
         return [self.proc.pid, *descendants(self.proc.pid)] if self.proc is not None else []
@@ -344,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     seconds = 0.5 if args.quick else args.seconds
     steps = 1 if args.quick else 4
-    relays: list[Relay] = [Mcrd(), Socat(), Kernel()]
+    relays: list[Relay] = [Mcrd(build), Socat(), Kernel()]
     results: dict[tuple[int, int, str], Result] = {}
     with Lab("mcrb-") as lab:
         net = build_net(lab)
