@@ -275,7 +275,10 @@ def call(path: Path, command: str, args: dict[str, Any] | None = None, timeout: 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        # mcrd may answer and close before reading (busy, too large): read its answer then
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(json.dumps(request).encode() + b"\n")
+
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
