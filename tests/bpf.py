@@ -22,14 +22,17 @@ from mcrd.packet import (
 )
 
 
-def run_filter(program: list[Insn], packet: bytes, pkttype: int = 0) -> int:
-    """Run `program` on `packet` the way the kernel does; returns the snap length (0: rejected)."""
+def run_filter(program: list[Insn], packet: bytes, pkttype: int = 0, steps: list[int] | None = None) -> int:
+    """Run `program` on `packet` the way the kernel does; returns the snap
+    length (0: rejected). `steps`, if given, gets the number of instructions run."""
     a = x = 0
     pc = 0
     n = len(packet)
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
+        if steps is not None:
+            steps.append(pc)
         if code in (_LD_W_ABS, _LD_H_ABS, _LD_B_ABS, _LD_H_IND):
             if code == _LD_W_ABS and k == _SKF_AD_PKTTYPE:
                 a = pkttype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 
@@ -159,6 +160,25 @@ def test_long_filters_resolve_far_jumps_and_degrade_to_fit() -> None:
     assert precision == 1 and len(build_filter(many, 1)) <= BPF_MAXINSNS
     _, precision = compile_filter(FilterEntry(n, 1, None) for n in range(5000))
     assert precision == 0
+
+
+def test_a_thousand_groups_cost_a_few_comparisons_per_packet() -> None:
+    """The filter finds a group by binary search: the work per packet grows
+    with log2(groups), so 1,000 rules cost about as much as ten."""
+    groups = [ip_to_int("239.1.0.0") + 3 * n for n in range(1000)]
+    program = build_filter([FilterEntry(g, 5000, None) for g in groups], 2)
+    worst = 0
+    for g in groups:
+        steps: list[int] = []
+        dst = str(ipaddress.IPv4Address(g))
+        assert run_filter(program, ipv4_udp(dst=dst), MULTICAST, steps)
+        assert not run_filter(program, ipv4_udp(dst=str(ipaddress.IPv4Address(g + 1))), MULTICAST)
+        worst = max(worst, len(steps))
+    few: list[int] = []
+    run_filter(
+        build_filter([FilterEntry(groups[0], 5000, None)], 2), ipv4_udp(dst="239.1.0.0"), MULTICAST, few
+    )
+    assert worst <= len(few) + 3 * 10, (worst, len(few))
 
 
 def test_compiled_filter_is_the_kernel_layout() -> None:
