@@ -13,7 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -43,6 +43,13 @@ class DaemonOptions(BaseModel):
     socket_group: str | None = None
     #: group whose members may also change state (add, remove, reload, ...)
     admin_group: str | None = None
+    #: worker processes per input interface, spread by flow hash (PACKET_FANOUT);
+    #: "auto": 1 on up to 2 cores, else half the cores, at most 4
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default="auto", union_mode="left_to_right"
+    )
+    #: MiB of receive ring per worker (TPACKET_V3), 4 to 1024
+    ring_size: int = Field(default=32, ge=4, le=1024)
     #: rules at most, from the file and added at run time together
     max_rules: int = Field(default=1000, ge=1, le=100_000)
     #: control clients connected at once
@@ -51,6 +58,14 @@ class DaemonOptions(BaseModel):
     client_timeout: float = Field(default=5.0, gt=0, le=3600.0)
     #: where `mcrctl config save` writes runtime rules; loaded at start
     runtime_rules: Path = DEFAULT_RUNTIME_RULES
+
+
+def workers_per_input(setting: int | Literal["auto"], cores: int | None) -> int:
+    """What `workers = "auto"` means on this machine."""
+    if setting != "auto":
+        return setting
+    cores = cores or 1
+    return 1 if cores <= 2 else min(4, cores // 2)
 
 
 class DaemonSettings(DaemonOptions, BaseSettings):

@@ -241,7 +241,14 @@ def show_stats(result: dict[str, Any]) -> str:
     for i in result["interfaces"]:
         drops = ", ".join(f"{k} {v}" for k, v in i["drops"].items() if v) or "none"
         irows.append(
-            [i["interface"], str(i["worker"] or "-"), i["state"], i["filter"], str(i["received"]), drops]
+            [
+                i["interface"],
+                ",".join(str(p) for p in i.get("workers", [])) or "-",
+                i["state"],
+                i["filter"],
+                str(i["received"]),
+                drops,
+            ]
         )
     if irows:
         parts.append(_table(irows, ["INTERFACE", "WORKER", "STATE", "FILTER", "RECEIVED", "DROPS"]))
@@ -250,12 +257,20 @@ def show_stats(result: dict[str, Any]) -> str:
 
 def show_workers(result: dict[str, Any]) -> str:
     rows = [
-        [w["interface"], str(w["pid"] or "-"), w["state"], str(w["restarts"]), str(w["rules"]), w["reason"]]
+        [
+            w["interface"],
+            str(w.get("lane", 0)),
+            str(w["pid"] or "-"),
+            w["state"],
+            str(w.get("received", 0)),
+            str(w["restarts"]),
+            str(w["rules"]),
+            w["reason"],
+        ]
         for w in result["workers"]
     ]
-    return (
-        _table(rows, ["INTERFACE", "PID", "STATE", "RESTARTS", "RULES", "REASON"]) if rows else "no workers"
-    )
+    header = ["INTERFACE", "LANE", "PID", "STATE", "RECEIVED", "RESTARTS", "RULES", "REASON"]
+    return _table(rows, header) if rows else "no workers"
 
 
 def show_reload(result: dict[str, Any]) -> str:

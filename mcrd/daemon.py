@@ -38,11 +38,13 @@ from mcrd.config import (
     parse_config,
     parse_rule_bytes,
     read_rule_file,
+    workers_per_input,
 )
 from mcrd.control import Access, Command, ControlServer, Limits, ProtocolError
 from mcrd.defaults import DEFAULT_CONFIG
 from mcrd.links import LinkMonitor, Snapshot
 from mcrd.logs import setup_logging
+from mcrd.netio import RingSpec
 from mcrd.notify import Systemd, watchdog_interval
 from mcrd.privdrop import resolve_identity
 from mcrd.reload import Reloader, watch_file
@@ -239,7 +241,13 @@ class Relay:
         self.book = book
         self.access = access
         self.systemd = Systemd()
-        self.supervisor = Supervisor(book.combined(), identity, worker_timeout=settings.worker_timeout)
+        self.supervisor = Supervisor(
+            book.combined(),
+            identity,
+            worker_timeout=settings.worker_timeout,
+            lanes=workers_per_input(settings.workers, os.cpu_count()),
+            ring=RingSpec.of_size(settings.ring_size),
+        )
         self.changes = asyncio.Lock()  # one change to the running rules at a time
         self.reloader = Reloader(
             loaded.path,

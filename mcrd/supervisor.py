@@ -213,34 +213,24 @@ def filter_entries(specs: Iterable[RuleSpec]) -> set[FilterEntry]:
 
 
 @dataclass
-class InputPort:
-    """Everything for one input interface: its sockets, its worker, its counters.
+class Lane:
+    """One packet socket of an input port and the worker that reads its ring.
 
-    Lives as long as some rule names the interface; `open` while the
-    interface exists, pending otherwise.
+    A port has one lane, or several in a PACKET_FANOUT group that spreads
+    flows over them by hash (each flow stays in order on one worker).
     """
 
-    interface: str
-    rules: list[RuleSpec] = field(default_factory=list)
-    ifindex: int | None = None
-    packet_sock: socket.socket | None = None
-    precision: int = 2
-    programmed: set[FilterEntry] = field(default_factory=set)
-    memberships: dict[tuple[str, str | None], socket.socket] = field(default_factory=dict)
-    sinks: dict[tuple[str, int], socket.socket | None] = field(default_factory=dict)
-    reason: str = ""
+    index: int
+    sock: socket.socket
     worker: WorkerLink | None = None
     sent: Any = None  # what the worker was last configured with
-    state: str = "pending"
+    state: str = "starting"
+    reason: str = ""
     restarts: int = 0
     carried: dict[str, Any] = field(default_factory=_empty_counters)  # from dead workers
     samples: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # first start tried
-
-    @property
-    def open(self) -> bool:
-        return self.packet_sock is not None
 
     def live_worker(self) -> WorkerLink | None:
         return self.worker if self.worker is not None and not self.worker.closed else None
@@ -253,21 +243,96 @@ class InputPort:
         if self.samples:
             self.carried = add_counters(self.carried, self.samples[-1][1])
         self.samples.clear()
+
+
+@dataclass
+class InputPort:
+    """Everything for one input interface: its sockets, its workers, its counters.
+
+    Lives as long as some rule names the interface; `open` while the
+    interface exists, pending otherwise.
+    """
+
+    interface: str
+    rules: list[RuleSpec] = field(default_factory=list)
+    ifindex: int | None = None
+    lanes: list[Lane] = field(default_factory=list)
+    precision: int = 2
+    programmed: set[FilterEntry] = field(default_factory=set)
+    memberships: dict[tuple[str, str | None], socket.socket] = field(default_factory=dict)
+    sinks: dict[tuple[str, int], socket.socket | None] = field(default_factory=dict)
+    reason: str = ""
+    closed_state: str = "pending"
+    carried: dict[str, Any] = field(default_factory=_empty_counters)  # from closed lanes
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when closed
+
+    @property
+    def open(self) -> bool:
+        return bool(self.lanes)
+
+    @property
+    def state(self) -> str:
+        if not self.lanes:
+            return self.closed_state
+        for lane in self.lanes:
+            if lane.state != "active":
+                return lane.state
+        return "active"
+
+    @property
+    def why(self) -> str:
+        if not self.lanes or self.reason:
+            return self.reason
+        return next((lane.reason for lane in self.lanes if lane.state != "active"), "")
+
+    @property
+    def restarts(self) -> int:
+        return sum(lane.restarts for lane in self.lanes)
+
+    def workers(self) -> list[WorkerLink]:
+        return [w for lane in self.lanes if (w := lane.live_worker()) is not None]
+
+    async def wait_settled(self) -> None:
+        if self.lanes:
+            await asyncio.gather(*(lane.settled.wait() for lane in self.lanes))
+        else:
+            await self.settled.wait()
+
+    def current(self) -> dict[str, Any]:
+        total = self.carried
+        for lane in self.lanes:
+            total = add_counters(total, lane.current())
+        return total
+
+    def carry_counters(self) -> None:
+        for lane in self.lanes:
+            lane.carry_counters()
+            self.carried = add_counters(self.carried, lane.carried)
+            lane.carried = _empty_counters()
         self.prune_counters()
 
     def prune_counters(self) -> None:
         """Forget what was carried for rules the port no longer has."""
         keys = {str(s.key) for s in self.rules}
-        self.carried["rules"] = {k: v for k, v in self.carried["rules"].items() if k in keys}
+        holders: list[InputPort | Lane] = [self, *self.lanes]
+        for holder in holders:
+            holder.carried["rules"] = {k: v for k, v in holder.carried["rules"].items() if k in keys}
 
 
 class Supervisor:
     def __init__(
-        self, rules: list[RuleSpec], identity: tuple[int, int], worker_timeout: float = 10.0
+        self,
+        rules: list[RuleSpec],
+        identity: tuple[int, int],
+        worker_timeout: float = 10.0,
+        lanes: int = 1,
+        ring: netio.RingSpec | None = None,
     ) -> None:
         self.rules = rules
         self.identity = identity  # (uid, gid) the workers run as
         self.worker_timeout = worker_timeout
+        self.lanes = lanes  # workers per input interface
+        self.ring = ring or netio.RingSpec()
         self.ports: dict[str, InputPort] = {}
         self.outputs: dict[tuple[str | None, int], OutputSocket] = {}
         self.links: Snapshot | None = None  # None until netlink has told us
@@ -384,25 +449,30 @@ class Supervisor:
                 out.sock.close()
 
     def _open_port(self, port: InputPort, link: Link) -> None:
+        entries = filter_entries(port.rules)
         try:
-            port.packet_sock, port.precision = netio.open_packet_socket(
-                port.interface, filter_entries(port.rules)
-            )
-            port.programmed = filter_entries(port.rules)
+            fanout: int | None = None
+            for index in range(self.lanes):
+                sock, port.precision = netio.open_packet_socket(port.interface, entries, self.ring)
+                port.lanes.append(Lane(index, sock))
+                if self.lanes > 1:
+                    fanout = netio.join_fanout(sock, fanout)
+            port.programmed = entries
             port.ifindex = link.index
             self._sync_holds(port)
         except OSError as exc:
             self._close_sockets(port)
-            port.state, port.reason = "pending", describe_os_error(exc)
+            port.closed_state, port.reason = "pending", describe_os_error(exc)
             port.settled.set()
             log.warning(
                 "input %s: %s; its %d rule(s) are pending", port.interface, port.reason, len(port.rules)
             )
             return
-        port.state, port.reason = "starting", ""
-        port.sent = None
-        port.settled.clear()
-        port.task = asyncio.create_task(self._keep_worker(port), name=f"worker-{port.interface}")
+        port.reason = ""
+        for lane in port.lanes:
+            lane.task = asyncio.create_task(
+                self._keep_worker(port, lane), name=f"worker-{port.interface}-{lane.index}"
+            )
 
     def _sync_holds(self, port: InputPort) -> None:
         """Join the groups and hold the unicast ports the port's rules need, and no others."""
@@ -423,18 +493,19 @@ class Supervisor:
     async def _update_port(self, port: InputPort) -> None:
         """Converge an open port on its rules without disturbing the unchanged ones."""
         new = filter_entries(port.rules)
-        assert port.packet_sock is not None
         try:
             self._sync_holds(port)
         except OSError as exc:
             log.error("input %s: %s", port.interface, describe_os_error(exc))
         if new != port.programmed:
-            # Narrow first (nothing the new table lacks reaches the worker),
-            # swap the worker's table, then widen to the new rules.
-            netio.attach_best_filter(port.packet_sock, port.programmed & new)
-        await self._push_config(port)
+            # Narrow first (nothing the new table lacks reaches the workers),
+            # swap the workers' tables, then widen to the new rules.
+            for lane in port.lanes:
+                netio.attach_best_filter(lane.sock, port.programmed & new)
+        await asyncio.gather(*(self._push_config(port, lane) for lane in port.lanes))
         if new != port.programmed:
-            port.precision = netio.attach_best_filter(port.packet_sock, new)
+            for lane in port.lanes:
+                port.precision = netio.attach_best_filter(lane.sock, new)
             port.programmed = new
         port.prune_counters()
 
@@ -446,33 +517,32 @@ class Supervisor:
             if sink is not None:
                 sink.close()
         port.sinks.clear()
-        if port.packet_sock is not None:
-            port.packet_sock.close()
-            port.packet_sock = None
+        for lane in port.lanes:
+            lane.sock.close()
+        port.lanes.clear()
         port.ifindex = None
         port.programmed = set()
 
     async def _close_port(self, port: InputPort, reason: str) -> None:
-        if port.task is not None:
-            port.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await port.task
-            port.task = None
-        worker = port.live_worker()
-        if worker is not None:
-            await self._sample(port)
-            await worker.stop()
-        port.worker = None
+        for lane in port.lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lane.task
+                lane.task = None
+        await asyncio.gather(*(self._sample(lane, port.interface) for lane in port.lanes))
+        await asyncio.gather(*(w.stop() for w in port.workers()))
+        for lane in port.lanes:
+            lane.worker = None
         port.carry_counters()
         self._close_sockets(port)
-        port.state, port.reason = "pending", reason
+        port.closed_state, port.reason = "pending", reason
         port.settled.set()
 
     # -- workers -------------------------------------------------------------
 
-    def _configure_message(self, port: InputPort) -> tuple[dict[str, Any], list[int], Any]:
-        assert port.packet_sock is not None
-        fds = [port.packet_sock.fileno()]
+    def _configure_message(self, port: InputPort, lane: Lane) -> tuple[dict[str, Any], list[int], Any]:
+        fds = [lane.sock.fileno()]
         index: dict[int, int] = {}
         rules = []
         for spec in port.rules:
@@ -506,19 +576,20 @@ class Supervisor:
                     "rate_limit": limit,
                 }
             )
-        signature = (id(port.packet_sock), repr(rules))
-        return {"op": "configure", "packet_fd": 0, "rules": rules}, fds, signature
+        signature = (id(lane.sock), repr(rules))
+        message = {"op": "configure", "packet_fd": 0, "ring": self.ring.message(), "rules": rules}
+        return message, fds, signature
 
-    async def _push_config(self, port: InputPort) -> None:
-        worker = port.live_worker()
+    async def _push_config(self, port: InputPort, lane: Lane) -> None:
+        worker = lane.live_worker()
         if worker is None:
             return
-        message, fds, signature = self._configure_message(port)
-        if signature == port.sent:
+        message, fds, signature = self._configure_message(port, lane)
+        if signature == lane.sent:
             return
         try:
             await worker.request(message, fds, timeout=CONFIGURE_TIMEOUT)
-            port.sent = signature
+            lane.sent = signature
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.error(
                 "input %s: worker %d did not take its new rules (%s); restarting it",
@@ -529,7 +600,7 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.kill()
 
-    async def _spawn(self, port: InputPort) -> WorkerLink:
+    async def _spawn(self, port: InputPort, lane: Lane) -> WorkerLink:
         ours, theirs = channel.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -554,9 +625,9 @@ class Supervisor:
             theirs.close()
         link = WorkerLink(process, ours)
         try:
-            message, fds, signature = self._configure_message(port)
+            message, fds, signature = self._configure_message(port, lane)
             await link.request(message, fds, timeout=CONFIGURE_TIMEOUT)
-            port.sent = signature
+            lane.sent = signature
         except BaseException:
             link.close()
             with contextlib.suppress(ProcessLookupError):
@@ -565,44 +636,43 @@ class Supervisor:
             raise
         return link
 
-    async def _keep_worker(self, port: InputPort) -> None:
+    async def _keep_worker(self, port: InputPort, lane: Lane) -> None:
         failures = 0
+        name = port.interface if self.lanes == 1 else f"{port.interface}#{lane.index}"
         while not self.stopping:
             began = time.monotonic()
             try:
-                port.worker = await self._spawn(port)
+                lane.worker = await self._spawn(port, lane)
             except (OSError, TimeoutError, ConnectionError) as exc:
-                port.state, port.reason = "restarting", f"worker failed to start: {exc}"
-                log.error("input %s: %s", port.interface, port.reason)
-                port.settled.set()
+                lane.state, lane.reason = "restarting", f"worker failed to start: {exc}"
+                log.error("input %s: %s", name, lane.reason)
+                lane.settled.set()
             else:
-                port.state, port.reason = "active", ""
-                port.settled.set()
-                worker = port.worker
-                log.info(
-                    "input %s: worker %d relaying %d rule(s)", port.interface, worker.pid, len(port.rules)
-                )
-                await self._push_config(port)  # rules may have changed while it started
+                lane.state, lane.reason = "active", ""
+                lane.settled.set()
+                worker = lane.worker
+                log.info("input %s: worker %d relaying %d rule(s)", name, worker.pid, len(port.rules))
+                await self._push_config(port, lane)  # rules may have changed while it started
                 status = await worker.process.wait()
                 worker.close()
                 if self.stopping:
                     return
                 try:
-                    port.carry_counters()
+                    lane.carry_counters()
                 except (KeyError, TypeError) as exc:  # never let counters stop the restarts
-                    log.error("input %s: dropping unreadable counters: %s", port.interface, exc)
-                    port.samples.clear()
-                port.state = "restarting"
-                port.reason = f"worker {worker.pid} exited with status {status}"
-                port.restarts += 1
-                log.error("input %s: %s", port.interface, port.reason)
+                    log.error("input %s: dropping unreadable counters: %s", name, exc)
+                    lane.samples.clear()
+                lane.state = "restarting"
+                lane.reason = f"worker {worker.pid} exited with status {status}"
+                lane.restarts += 1
+                log.error("input %s: %s", name, lane.reason)
             failures = 1 if time.monotonic() - began > STABLE_AFTER else failures + 1
             delay = backoff_delay(failures)
-            log.info("input %s: restarting its worker in %.1fs", port.interface, delay)
+            log.info("input %s: restarting its worker in %.1fs", name, delay)
             await asyncio.sleep(delay)
 
-    async def _sample(self, port: InputPort) -> None:
-        worker = port.live_worker()
+    async def _sample(self, lane: Lane, interface: str) -> None:
+        worker = lane.live_worker()
         if worker is None:
             return
         try:
@@ -611,7 +681,7 @@ class Supervisor:
             if time.monotonic() - worker.last_heard > self.worker_timeout:
                 log.error(
                     "input %s: worker %d has not answered for %.0fs; killing it",
-                    port.interface,
+                    interface,
                     worker.pid,
                     self.worker_timeout,
                 )
@@ -619,17 +689,17 @@ class Supervisor:
                     worker.process.kill()
             return
         if not valid_stats(reply):
-            log.error(
-                "input %s: worker %d sent malformed counters; restarting it", port.interface, worker.pid
-            )
+            log.error("input %s: worker %d sent malformed counters; restarting it", interface, worker.pid)
             with contextlib.suppress(ProcessLookupError):
                 worker.process.kill()
             return
-        if port.worker is worker:
-            port.samples = [*port.samples[-1:], (time.monotonic(), reply)]
+        if lane.worker is worker:
+            lane.samples = [*lane.samples[-1:], (time.monotonic(), reply)]
 
     async def sample_all(self) -> None:
-        await asyncio.gather(*(self._sample(p) for p in list(self.ports.values())))
+        await asyncio.gather(
+            *(self._sample(lane, p.interface) for p in list(self.ports.values()) for lane in p.lanes)
+        )
 
     async def _sample_forever(self) -> None:
         while True:
@@ -639,13 +709,11 @@ class Supervisor:
     def workers_healthy(self) -> bool:
         """Every running worker has answered recently (the watchdog's condition)."""
         now = time.monotonic()
-        return all(
-            now - w.last_heard < LATE_AFTER for p in self.ports.values() if (w := p.live_worker()) is not None
-        )
+        return all(now - w.last_heard < LATE_AFTER for p in self.ports.values() for w in p.workers())
 
     async def start(self) -> None:
         await self.reconcile("start")
-        await asyncio.gather(*(p.settled.wait() for p in self.ports.values()))
+        await asyncio.gather(*(p.wait_settled() for p in self.ports.values()))
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
 
     # -- views for the control socket ------------------------------------------
@@ -657,7 +725,7 @@ class Supervisor:
         if port.state == "active":
             link = self._link(port.interface)
             return ("active", "") if link is None or link.up else ("active", "interface is down")
-        return port.state, port.reason
+        return port.state, port.why
 
     def output_state(self, dest: Destination) -> tuple[str, str]:
         out = self.outputs.get((dest.interface, dest.ttl))
@@ -692,24 +760,28 @@ class Supervisor:
 
     @staticmethod
     def _rates(port: InputPort) -> dict[tuple[str, str], tuple[float, float]]:
-        """(packets/s, bits/s) per (rule key, destination; "" for the input), over the last sample."""
+        """(packets/s, bits/s) per (rule key, destination; "" for the input),
+        over each lane's last sample, summed over the lanes."""
         rates: dict[tuple[str, str], tuple[float, float]] = {}
-        if len(port.samples) < 2:
-            return rates
-        (t0, s0), (t1, s1) = port.samples
-        dt = max(t1 - t0, 1e-6)
 
-        def rate(now: dict[str, Any], before: dict[str, Any]) -> tuple[float, float]:
-            return (now["packets"] - before["packets"]) / dt, (now["bytes"] - before["bytes"]) * 8 / dt
+        def add(key: tuple[str, str], now: dict[str, Any], before: dict[str, Any], dt: float) -> None:
+            pps = (now["packets"] - before["packets"]) / dt
+            bps = (now["bytes"] - before["bytes"]) * 8 / dt
+            a, b = rates.get(key, (0.0, 0.0))
+            rates[key] = (a + pps, b + bps)
 
-        for key, c in s1["rules"].items():
-            prev = s0["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
-            rates[key, ""] = rate(c, prev)
-            prev_outs = {o["destination"]: o for o in prev["outputs"]}
-            for o in c["outputs"]:
-                rates[key, o["destination"]] = rate(
-                    o, prev_outs.get(o["destination"], {"packets": 0, "bytes": 0})
-                )
+        for lane in port.lanes:
+            if len(lane.samples) < 2:
+                continue
+            (t0, s0), (t1, s1) = lane.samples
+            dt = max(t1 - t0, 1e-6)
+            for key, c in s1["rules"].items():
+                prev = s0["rules"].get(key, {"packets": 0, "bytes": 0, "outputs": []})
+                add((key, ""), c, prev, dt)
+                prev_outs = {o["destination"]: o for o in prev["outputs"]}
+                for o in c["outputs"]:
+                    before = prev_outs.get(o["destination"], {"packets": 0, "bytes": 0})
+                    add((key, o["destination"]), o, before, dt)
         return rates
 
     def stats_view(self) -> dict[str, Any]:
@@ -718,11 +790,12 @@ class Supervisor:
         for port in self.ports.values():
             counters = port.current()
             rates = self._rates(port)
-            worker = port.live_worker()
+            pids = [w.pid for w in port.workers()]
             interfaces.append(
                 {
                     "interface": port.interface,
-                    "worker": worker.pid if worker else None,
+                    "worker": pids[0] if pids else None,
+                    "workers": pids,
                     "state": port.state,
                     "filter": ["udp", "groups", "exact"][port.precision],
                     "received": counters["received"],
@@ -760,18 +833,22 @@ class Supervisor:
     def worker_views(self) -> list[dict[str, Any]]:
         views = []
         for p in self.ports.values():
-            worker = p.live_worker()
-            views.append(
-                {
-                    "interface": p.interface,
-                    "pid": worker.pid if worker else None,
-                    "state": p.state,
-                    "reason": p.reason,
-                    "restarts": p.restarts,
-                    "rules": len(p.rules),
-                    "last_heard": round(time.monotonic() - worker.last_heard, 1) if worker else None,
-                }
-            )
+            lanes: list[Lane | None] = list(p.lanes) or [None]  # a closed port shows why
+            for lane in lanes:
+                worker = lane.live_worker() if lane else None
+                views.append(
+                    {
+                        "interface": p.interface,
+                        "lane": lane.index if lane else 0,
+                        "pid": worker.pid if worker else None,
+                        "state": lane.state if lane else p.state,
+                        "reason": lane.reason if lane else p.reason,
+                        "restarts": lane.restarts if lane else 0,
+                        "received": lane.current()["received"] if lane else 0,
+                        "rules": len(p.rules),
+                        "last_heard": round(time.monotonic() - worker.last_heard, 1) if worker else None,
+                    }
+                )
         return views
 
     def counts(self) -> tuple[int, int]:
@@ -787,10 +864,11 @@ class Supervisor:
             if task is not None:
                 task.cancel()
         async with self._lock:
-            workers = [w for p in self.ports.values() if (w := p.live_worker()) is not None]
+            workers = [w for p in self.ports.values() for w in p.workers()]
             for port in self.ports.values():
-                if port.task is not None:
-                    port.task.cancel()
+                for lane in port.lanes:
+                    if lane.task is not None:
+                        lane.task.cancel()
             await asyncio.gather(*(w.stop() for w in workers))
             for port in self.ports.values():
                 self._close_sockets(port)

@@ -1,0 +1,229 @@
+"""The worker's fast data path: a TPACKET_V3 receive ring read a block at a
+time, and batched zero-copy sends (`sendmmsg`, with UDP GSO where it works).
+
+Per datagram, Python does one `struct.unpack_from` of the frame and IP/UDP
+headers straight out of the ring and two list appends; nothing is copied and
+no system call is made. After a block, each rule's datagrams leave with one
+`sendmmsg` per output whose messages point into the ring: runs of equal-sized
+payloads go as one message each with a `UDP_SEGMENT` control message (the
+kernel cuts them into datagrams), or one message per datagram where GSO is not
+available on that output. The block is handed back to the kernel only after
+everything in it was sent.
+
+Layouts are those of the Linux UAPI on 64-bit machines (`struct
+tpacket_block_desc`, `struct tpacket3_hdr`, `struct mmsghdr`, `struct
+cmsghdr`); written in native byte order, so they hold on any 64-bit Linux.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import functools
+import mmap
+import os
+import socket
+import struct
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+
+#: block descriptor: version, offset_to_priv, then tpacket_hdr_v1
+BLOCK = struct.Struct("=8xIII4xQ")  # block_status, num_pkts, offset_to_first_pkt, seq_num
+_STATUS = struct.Struct("=I")
+FRAME = struct.Struct("=I8xII4xHH")  # tp_next_offset, tp_snaplen, tp_len, tp_mac, tp_net
+#: IPv4 without options, then UDP: version/ihl, total length, flags/fragment
+#: offset, protocol, source, destination, destination port, UDP length
+IPUDP = struct.Struct("!BxH2xHxB2xII2xHH")
+HEADERS = 28  # IPv4 without options + UDP
+
+#: a 16-bit value as read in native byte order from network byte order
+SWAPPED16: list[int] = [struct.unpack("=H", struct.pack("!H", v))[0] for v in range(65536)]
+#: the IPv4 more-fragments flag and fragment offset, read the same way
+FRAGMENT_MASK = SWAPPED16[0x3FFF]
+
+
+def native_key(group: int, port: int) -> int:
+    """The fast table's key for a group and port: as `frame_unpacker` reads them."""
+    dst: int = struct.unpack("=I", struct.pack("!I", group))[0]
+    return dst << 16 | SWAPPED16[port]
+
+
+@functools.lru_cache(maxsize=8)
+def frame_unpacker(net: int) -> Callable[[Any, int], tuple[int, ...]]:
+    """unpack_from for a frame whose IP header is at `net`: tp_next_offset,
+    tp_snaplen, tp_net, then version/IHL, total length, flags/fragment offset,
+    protocol, source, destination, destination port, UDP length, the IP/UDP
+    fields in native byte order (compare them with SWAPPED16 values)."""
+    return struct.Struct(f"=I8xI8x2xH{net - FRAME.size}xBxH2xHxB2xII2xHH").unpack_from
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+MSG_DONTWAIT = 0x40
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS on older kernels (newer allow 128)
+GSO_MAX_BYTES = 65507  # the whole run must fit in one UDP datagram's length
+MAX_MESSAGES = 1024  # UIO_MAXIOV: sendmmsg sends at most this many per call
+
+_MSGHDR_WORDS = 8  # struct mmsghdr is 64 bytes on 64-bit Linux
+_CMSG_BYTES = 24  # CMSG_SPACE(sizeof(uint16_t))
+_CMSG_LEN = 18  # CMSG_LEN(sizeof(uint16_t))
+
+if struct.calcsize("P") != 8:  # pragma: no cover - every supported port is 64-bit
+    raise ImportError("mcrd's data path needs a 64-bit machine")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
+_sendmmsg.restype = ctypes.c_int
+
+
+def _address(buffer: Any) -> tuple[int, Any]:
+    """The address of a writable buffer, and the object that pins it."""
+    pin = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    return ctypes.addressof(pin), pin
+
+
+class Ring:
+    """A TPACKET_V3 receive ring mapped from a packet socket.
+
+    The supervisor created the ring (`netio.open_packet_socket`); a worker
+    maps it. A worker that starts on a ring another one left (after a crash)
+    resumes at the oldest block the kernel handed to user space.
+    """
+
+    def __init__(self, sock: socket.socket, block_size: int, block_count: int) -> None:
+        self.block_size = block_size
+        self.block_count = block_count
+        self.map = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
+        self.base, self._pin = _address(self.map)
+        self.view = memoryview(self.map)
+        self.current = 0
+        self.inode = os.fstat(sock.fileno()).st_ino
+
+    def close(self) -> None:
+        self.view.release()
+        del self._pin
+        self.map.close()
+
+    def ready(self) -> int | None:
+        """The offset of the next block owned by user space, or None."""
+        offset = self.current * self.block_size
+        if _STATUS.unpack_from(self.map, offset + 8)[0] & TP_STATUS_USER:
+            return offset
+        oldest: tuple[int, int] | None = None  # a predecessor may have left us mid-ring
+        for index in range(self.block_count):
+            status, _n, _first, seq = BLOCK.unpack_from(self.map, index * self.block_size)
+            if status & TP_STATUS_USER and (oldest is None or seq < oldest[0]):
+                oldest = (seq, index)
+        if oldest is None:
+            return None
+        self.current = oldest[1]
+        return self.current * self.block_size
+
+    def release(self, offset: int) -> None:
+        _STATUS.pack_into(self.map, offset + 8, TP_STATUS_KERNEL)
+        self.current = (self.current + 1) % self.block_count
+
+
+class Sender:
+    """Pre-built send arrays shared by all outputs of a worker.
+
+    `iov` holds (address, length) pairs pointing into the ring; `msgs` the
+    mmsghdr array; `cmsgs` one UDP_SEGMENT control message per message.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._iov_buf = bytearray(16 * capacity)
+        self.iov_addr, self._iov_pin = _address(self._iov_buf)
+        self.iov = memoryview(self._iov_buf).cast("Q")
+        self._msg_buf = bytearray(8 * _MSGHDR_WORDS * MAX_MESSAGES)
+        self.msg_addr, self._msg_pin = _address(self._msg_buf)
+        self.msg = memoryview(self._msg_buf).cast("Q")
+        self.msg32 = memoryview(self._msg_buf).cast("I")
+        self._cmsg_buf = bytearray(_CMSG_BYTES * MAX_MESSAGES)
+        self.cmsg_addr, self._cmsg_pin = _address(self._cmsg_buf)
+        for i in range(MAX_MESSAGES):
+            struct.pack_into("=QiiH", self._cmsg_buf, i * _CMSG_BYTES, _CMSG_LEN, SOL_UDP, UDP_SEGMENT, 0)
+        self.cmsg16 = memoryview(self._cmsg_buf).cast("H")
+        self.loaded = 0  # datagrams in iov
+        # a plan: per message (first datagram, datagrams, segment size or 0)
+        self.plans: dict[int, list[tuple[int, int, int]]] = {}
+
+    def load(self, addrs: list[int], lens: list[int]) -> None:
+        n = len(addrs)
+        self.iov[0 : 2 * n : 2] = array("Q", addrs)
+        self.iov[1 : 2 * n : 2] = array("Q", lens)
+        self.loaded = n
+        self.lens = lens
+        self.plans = {}
+
+    def plan(self, gso_limit: int) -> list[tuple[int, int, int]]:
+        """Messages for the loaded datagrams: runs of one size up to
+        `gso_limit` bytes go as one GSO message; others one per datagram."""
+        cached = self.plans.get(gso_limit)
+        if cached is not None:
+            return cached
+        lens, n = self.lens, self.loaded
+        out: list[tuple[int, int, int]] = []
+        first = lens[0] if n else 0
+        if 0 < first <= gso_limit and lens.count(first) == n:  # the usual case: one size
+            per = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // first))
+            out = [(i, min(per, n - i), first) for i in range(0, n, per)]
+        else:
+            i = 0
+            while i < n:
+                size = lens[i]
+                if size == 0 or size > gso_limit:
+                    out.append((i, 1, 0))
+                    i += 1
+                    continue
+                per = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+                j = i + 1
+                while j < n and j - i < per and lens[j] == size:
+                    j += 1
+                out.append((i, j - i, size if j - i > 1 else 0))
+                i = j
+        self.plans[gso_limit] = out
+        return out
+
+    def send(self, fd: int, name_addr: int, plan: list[tuple[int, int, int]], start: int) -> tuple[int, int]:
+        """Send messages plan[start:] (at most MAX_MESSAGES); returns (messages
+        sent, errno of the first that failed or 0)."""
+        count = min(len(plan) - start, MAX_MESSAGES)
+        msg, msg32, cmsg16 = self.msg, self.msg32, self.cmsg16
+        iov_addr, cmsg_addr = self.iov_addr, self.cmsg_addr
+        w = 0
+        for k in range(start, start + count):
+            first, segments, size = plan[k]
+            msg[w] = name_addr
+            msg32[2 * w + 2] = 16  # msg_namelen
+            msg[w + 2] = iov_addr + 16 * first
+            msg[w + 3] = segments
+            if size:
+                msg[w + 4] = cmsg_addr + _CMSG_BYTES * (k - start)
+                msg[w + 5] = _CMSG_BYTES
+                cmsg16[(k - start) * (_CMSG_BYTES // 2) + 8] = size
+            else:
+                msg[w + 4] = 0
+                msg[w + 5] = 0
+            msg[w + 6] = 0
+            w += _MSGHDR_WORDS
+        sent = _sendmmsg(fd, self.msg_addr, count, MSG_DONTWAIT)
+        if sent < 0:
+            return 0, ctypes.get_errno()
+        return sent, 0
+
+
+def sockaddr_in(group: str, port: int) -> tuple[int, Any]:
+    buf = bytearray(struct.pack("=H", socket.AF_INET) + struct.pack("!H4s", port, socket.inet_aton(group)))
+    buf += bytes(16 - len(buf))
+    return _address(buf)
+
+
+def errno_name(code: int) -> str:
+    return errno_mod.errorcode.get(code, str(code))
