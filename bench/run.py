@@ -48,15 +48,40 @@ class Net:
     sinks: list[str]
 
 
-def build_net(lab: Lab) -> Net:
+SINK_DROP = """
+table netdev sink {
+    chain in { type filter hook ingress device "eth0" priority 0; policy drop; }
+}
+"""
+
+
+def build_net(lab: Lab, rps: bool = False) -> Net:
     gen, relay = lab.netns("gen"), lab.netns("relay")
     lab.link(gen, "eth0", relay, "in0", "192.0.2.10/24", "192.0.2.1/24")
+    # The generator sends runs with UDP GSO: cut into datagrams as they leave it.
+    in_ns(gen, "ethtool", "-K", "eth0", "tx-udp-segmentation", "off")
+    # A veth frame is received on the sender's core, as a NIC's frames are on
+    # the core that takes its interrupts: the relay's core is left to the
+    # relay. With --rps, receive work moves to the relay's core instead.
+    if rps:
+        mask = f"{1 << int(RELAY_CPU):x}"
+        in_ns(relay, "sh", "-c", f"echo {mask} > /sys/class/net/in0/queues/rx-0/rps_cpus")
     sinks = []
     for k in range(SINKS):
         sink = lab.netns(f"sink{k}")
         lab.link(relay, f"out{k}", sink, "eth0", f"198.51.100.{64 * k + 1}/26", f"198.51.100.{64 * k + 2}/26")
+        # Sinks count at the interface and drop at ingress: they cost almost nothing.
+        in_ns(sink, "nft", "-f", "-", stdin=SINK_DROP)
+        # A veth passes UDP GSO super-packets through whole, and its receive
+        # counter would count one; a NIC without UDP segmentation offload
+        # makes the kernel segment in software, as here.
+        in_ns(relay, "ethtool", "-K", f"out{k}", "tx-udp-segmentation", "off")
         sinks.append(sink)
     return Net(lab, gen, relay, sinks)
+
+
+def in_ns(ns: str, *argv: str, stdin: str | None = None) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, text=True, check=True)
 
 
 def rx_packets(ns: str) -> int:
@@ -112,19 +137,33 @@ class Relay:
 class Mcrd(Relay):
     name = "mcrd"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, rules: int = 1) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = workdir
+        self.rules = rules
+        if rules > 1:
+            self.name = f"mcrd-{rules}"
 
     def start(self, net: Net, outputs: int) -> None:
         outs = ", ".join(
             f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000 }}' for k in range(outputs)
         )
         config = self.dir / "mcr.toml"
-        config.write_text(
+        text = (
             f'[[rule]]\ninput = {{ interface = "in0", group = "239.1.1.1", port = 5000 }}\n'
             f"outputs = [ {outs} ]\n"
         )
+        # Decoys: other groups on the same input, below and above the measured
+        # one, each with an output: the worker's table and the kernel filter
+        # hold them all, and none of their traffic arrives.
+        for n in range(self.rules - 1):
+            group = f"239.{0 if n % 2 else 9}.{n // 250}.{n % 250 + 1}"
+            out = f"239.200.{n // 250}.{n % 250 + 1}"
+            text += (
+                f'[[rule]]\ninput = {{ interface = "in0", group = "{group}", port = {5001 + n % 7} }}\n'
+                f'outputs = [ {{ interface = "out0", group = "{out}", port = 6000 }} ]\n'
+            )
+        config.write_text(text)
         sock = self.dir / "control.sock"
         self.proc = subprocess.Popen(
             [
@@ -314,6 +353,7 @@ class Result:
     rates: list[float] = field(default_factory=list)
     limited: bool = False
     cpu_us: list[float] = field(default_factory=list)
+    overload: list[tuple[float, float]] = field(default_factory=list)  # (offered, delivered) per second
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,28 +361,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=2.0, help="length of each trial")
     p.add_argument("--quick", action="store_true", help="one small case, one round: a smoke run")
+    p.add_argument(
+        "--rps", action="store_true", help="receive on the relay's core (RPS) instead of the generator's"
+    )
+    p.add_argument("--case", action="append", metavar="SIZExOUTPUTS", help="only this case (repeatable)")
+    p.add_argument(
+        "--rules", type=int, default=1000, help="rules of the many-rule mcrd (64 B x1 only; 1: skip it)"
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
         return 2
-    for tool in ("cc", "socat", "taskset"):
+    for tool in ("cc", "socat", "taskset", "nft", "ethtool"):
         if shutil.which(tool) is None:
-            print(f"bench: {tool} is missing (apt-get install gcc socat util-linux)", file=sys.stderr)
+            print(
+                f"bench: {tool} is missing (apt-get install gcc socat util-linux nftables ethtool)",
+                file=sys.stderr,
+            )
             return 2
     build = Path(tempfile.mkdtemp(prefix="mcrb-"))
     gen = build / "gen"
     subprocess.run(["cc", "-O2", "-o", str(gen), str(HERE / "gen.c")], check=True)
     cases = [(64, 1)] if args.quick else [(64, 1), (1024, 1), (64, 4), (1024, 4)]
+    if args.case:
+        cases = [(int(size), int(outputs)) for size, outputs in (c.split("x") for c in args.case)]
     rounds = 1 if args.quick else args.rounds
     seconds = 0.5 if args.quick else args.seconds
     steps = 1 if args.quick else 4
     relays: list[Relay] = [Mcrd(build), Socat(), Kernel()]
+    many = Mcrd(build, rules=args.rules)
     results: dict[tuple[int, int, str], Result] = {}
     with Lab("mcrb-") as lab:
-        net = build_net(lab)
+        net = build_net(lab, args.rps)
         for size, outputs in cases:
             for rnd in range(rounds):
-                for relay in relays:
+                # the many-rule mcrd runs in the first case only: per-datagram cost is highest there
+                for relay in [*relays, many] if (size, outputs) == cases[0] and args.rules > 1 else relays:
                     relay.start(net, outputs)
                     try:
                         rate, limited = max_rate(
@@ -359,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                             c0 = cpu_seconds(pids)
                             t = trial(net, gen, outputs, size, rate * 0.8, seconds)
                             res.cpu_us.append((cpu_seconds(pids) - c0) / max(t.sent, 1) * 1e6)
+                        if rate:  # overload: offer four times what it takes
+                            t = trial(net, gen, outputs, size, rate * 4, seconds)
+                            res.overload.append((t.offered, t.delivered * t.offered / max(t.sent, 1)))
                     finally:
                         relay.stop()
                     print(
@@ -399,6 +456,32 @@ def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, i
         lines.append(row)
     lines.append("")
     lines.append("* the generator, not the relay, was the limit in at least one round")
+    lines.append("")
+    lines.append("under overload (4x the max rate offered), delivered datagrams/s to the worst sink: median")
+    lines.append("")
+    names = sorted({name for (_s, _o, name) in results}, key=lambda n: (n != "mcrd", n))
+    lines.append(f"{'case':<12}" + "".join(f"{n:>28}" for n in names))
+    for size, outputs in cases:
+        row = f"{size} B x{outputs}".ljust(12)
+        for name in names:
+            res = results.get((size, outputs, name))
+            if res is None or not res.overload:
+                row += f"{'-':>28}"
+                continue
+            offered = statistics.median(o for o, _d in res.overload)
+            delivered = statistics.median(d for _o, d in res.overload)
+            row += f"{f'{delivered:,.0f} of {offered:,.0f}':>28}"
+        lines.append(row)
+    many = [name for name in names if name.startswith("mcrd-")]
+    for name in many:
+        a, b = results.get((*cases[0], "mcrd")), results.get((*cases[0], name))
+        if a and b and a.rates and b.rates:
+            lines.append("")
+            lines.append(
+                f"{name} ({cases[0][0]} B x{cases[0][1]}): {statistics.median(b.rates):,.0f}/s, "
+                f"{statistics.median(b.rates) / statistics.median(a.rates):.2f} of mcrd with one rule; "
+                f"CPU {statistics.median(b.cpu_us) if b.cpu_us else float('nan'):.2f} us/datagram"
+            )
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ pytestmark = [needs_root, pytest.mark.netns]
 
 
 def test_bench_quick_run_measures_every_relay() -> None:
-    for tool in ("cc", "socat", "taskset"):
+    for tool in ("cc", "socat", "taskset", "nft", "ethtool"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
     bench = Path(__file__).parent.parent / "bench" / "run.py"
