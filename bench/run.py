@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mcrd.demo import wait_ready
-from mcrd.lab import Lab
+from mcrd.lab import Lab, descendants
 
 HERE = Path(__file__).resolve().parent
 LOSS = 0.001
@@ -92,23 +92,6 @@ def rx_packets(ns: str) -> int:
         check=True,
     ).stdout
     return int(out)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (mcrd's workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def cpu_seconds(pids: list[int]) -> float:

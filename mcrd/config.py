@@ -13,9 +13,9 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from mcrd.defaults import DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_RULES
@@ -45,11 +45,21 @@ class DaemonOptions(BaseModel):
     admin_group: str | None = None
     #: worker processes per input interface, spread by flow hash (PACKET_FANOUT);
     #: "auto": 1 on up to 2 cores, else half the cores, at most 4
-    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        default="auto", union_mode="left_to_right"
-    )
+    workers: int | Literal["auto"] = "auto"
     #: MiB of receive ring per worker (TPACKET_V3), 4 to 1024
     ring_size: int = Field(default=32, ge=4, le=1024)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():  # from the environment
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ValueError(f'must be "auto" or a number of workers from 1 to 64, got {value!r}')
+        return value
+
     #: rules at most, from the file and added at run time together
     max_rules: int = Field(default=1000, ge=1, le=100_000)
     #: control clients connected at once
