@@ -201,8 +201,11 @@ def show_list(result: dict[str, Any]) -> str:
             o["destination"] + ("" if o["state"] == "active" else f" [{o['state']}: {o['reason']}]")
             for o in v["outputs"]
         )
-        rows.append([v["id"], v["name"] or "-", v["origin"], _input(v), outs, state])
-    return _table(rows, ["ID", "NAME", "ORIGIN", "INPUT", "OUTPUTS", "STATE"])
+        path = v.get("path", "user")
+        if path == "user" and v.get("path_reason") and v["path_reason"] != "offload is off":
+            path += f" ({v['path_reason']})"
+        rows.append([v["id"], v["name"] or "-", v["origin"], _input(v), outs, state, path])
+    return _table(rows, ["ID", "NAME", "ORIGIN", "INPUT", "OUTPUTS", "STATE", "PATH"])
 
 
 def show_stats(result: dict[str, Any]) -> str:

@@ -247,6 +247,7 @@ class Relay:
             worker_timeout=settings.worker_timeout,
             lanes=workers_per_input(settings.workers, os.cpu_count()),
             ring=RingSpec.of_size(settings.ring_size),
+            offload=settings.offload,
         )
         self.changes = asyncio.Lock()  # one change to the running rules at a time
         self.reloader = Reloader(

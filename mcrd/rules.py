@@ -12,7 +12,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -168,6 +168,9 @@ class RuleSpec(_Strict):
     input: InputSpec
     outputs: list[OutputSpec] = Field(min_length=1)
     rate_limit: RateLimit | None = None
+    #: relay in the kernel when it can ("auto") or always in user space
+    #: ("off"); unset: [daemon] offload
+    offload: Literal["auto", "off"] | None = None
 
     @property
     def key(self) -> RuleKey:

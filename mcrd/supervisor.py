@@ -28,6 +28,7 @@ from typing import Any
 
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
+from mcrd.offload import HEADERS, Nft, OffloadMode, Plan, gather, output_counter, plan, rule_counter
 from mcrd.packet import DROP_REASONS, FilterEntry, ip_to_int
 from mcrd.rulebook import rule_id
 from mcrd.rules import Destination, RuleSpec, is_multicast
@@ -38,6 +39,7 @@ CONFIGURE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 1.0
 SAMPLE_INTERVAL = 1.0
 LATE_AFTER = 3.0  # a worker silent this long holds back the watchdog
+OFFLOAD_RECHECK = 2.0  # seconds between looks at routes and neighbours for offloaded rules
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long resets the backoff
@@ -327,12 +329,20 @@ class Supervisor:
         worker_timeout: float = 10.0,
         lanes: int = 1,
         ring: netio.RingSpec | None = None,
+        offload: OffloadMode = "off",
+        nft: Nft | None = None,
     ) -> None:
         self.rules = rules
         self.identity = identity  # (uid, gid) the workers run as
         self.worker_timeout = worker_timeout
         self.lanes = lanes  # workers per input interface
         self.ring = ring or netio.RingSpec()
+        self.offload_default = offload
+        self.nft = nft or Nft()
+        self.offloaded = Plan()  # what the kernel relays now
+        self.offload_shape: str | None = None  # the table as last installed; None: none
+        self.offload_samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self.offload_checked = 0.0
         self.ports: dict[str, InputPort] = {}
         self.outputs: dict[tuple[str | None, int], OutputSocket] = {}
         self.links: Snapshot | None = None  # None until netlink has told us
@@ -399,6 +409,87 @@ class Supervisor:
                     log.exception("input %s: could not apply its rules", name)
                     port.reason = f"error: {exc}"
             self._close_unused_outputs()
+            await self._sync_offload()
+
+    # -- kernel offload ---------------------------------------------------------
+
+    def offload_mode(self, spec: RuleSpec) -> OffloadMode:
+        return spec.offload or self.offload_default
+
+    async def clear_leftovers(self) -> None:
+        """Remove a table a crashed mcrd left behind (this netns's only)."""
+        if not self.nft.missing:
+            try:
+                await self.nft.remove()
+            except OSError as exc:
+                log.warning("could not check for a leftover offload table: %s", exc)
+
+    async def _sync_offload(self) -> None:
+        """Converge the kernel's table on the rules it can relay; replace it
+        only when what it should hold changed."""
+        modes: dict[str, OffloadMode] = {str(s.key): self.offload_mode(s) for s in self.rules}
+        wanted = [s for s in self.rules if modes[str(s.key)] != "off"]
+        self.offload_checked = time.monotonic()
+        if not wanted and self.offload_shape is None:
+            self.offloaded = plan(self.rules, modes, {}, {})
+            return
+        unavailable = self.nft.missing
+        ports, egress = ({}, {}) if unavailable else await asyncio.to_thread(gather, wanted)
+        new = plan(self.rules, modes, ports, egress, unavailable)
+        shape = new.shape() if new.chains else None
+        if shape == self.offload_shape:
+            self.offloaded = new
+            return
+        try:
+            seed = await self.nft.counters()
+            await self.nft.apply(new.script(seed))
+        except OSError as exc:
+            log.error("offload: could not program the kernel (%s); relaying in user space", exc)
+            with contextlib.suppress(OSError):
+                await self.nft.remove()
+            self.offload_shape = None
+            self.offload_samples.clear()
+            self.offloaded = plan(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
+            return
+        kernel = sum(1 for d in new.decisions.values() if d.kernel)
+        log.info("offload: the kernel relays %d rule(s)", kernel)
+        self.offload_shape, self.offloaded = shape, new
+        # counters were carried into the new table: samples stay comparable
+
+    async def _sample_offload(self) -> None:
+        if self.offload_shape is None:
+            self.offload_samples.clear()
+            return
+        counters = await self.nft.counters()
+        self.offload_samples = [*self.offload_samples[-1:], (time.monotonic(), counters)]
+
+    def kernel_counters(self, spec: RuleSpec) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
+        """(packets, payload bytes) of an offloaded rule and of each output."""
+        decision = self.offloaded.decisions.get(str(spec.key))
+        if decision is None or not decision.kernel or not self.offload_samples:
+            return None
+        counters = self.offload_samples[-1][1]
+
+        def payload(name: str) -> tuple[int, int]:
+            packets, octets = counters.get(name, (0, 0))
+            return packets, max(0, octets - HEADERS * packets)
+
+        outs = [payload(output_counter(spec, n)) for n in range(len(spec.outputs))]
+        return payload(rule_counter(spec)), outs
+
+    def kernel_rates(self, spec: RuleSpec) -> tuple[tuple[float, float], list[tuple[float, float]]] | None:
+        if len(self.offload_samples) < 2 or str(spec.key) not in self.offloaded.decisions:
+            return None
+        (t0, c0), (t1, c1) = self.offload_samples
+        dt = max(t1 - t0, 1e-6)
+
+        def rate(name: str) -> tuple[float, float]:
+            p0, b0 = c0.get(name, (0, 0))
+            p1, b1 = c1.get(name, (0, 0))
+            packets = max(0, p1 - p0)
+            return packets / dt, max(0, (b1 - b0) - HEADERS * packets) * 8 / dt
+
+        return rate(rule_counter(spec)), [rate(output_counter(spec, n)) for n in range(len(spec.outputs))]
 
     async def _converge_port(self, port: InputPort) -> None:
         name = port.interface
@@ -698,12 +789,24 @@ class Supervisor:
 
     async def sample_all(self) -> None:
         await asyncio.gather(
-            *(self._sample(lane, p.interface) for p in list(self.ports.values()) for lane in p.lanes)
+            *(self._sample(lane, p.interface) for p in list(self.ports.values()) for lane in p.lanes),
+            self._sample_offload(),
         )
 
     async def _sample_forever(self) -> None:
         while True:
             await self.sample_all()
+            try:
+                if (
+                    any(self.offload_mode(s) != "off" for s in self.rules)
+                    and time.monotonic() - self.offload_checked > OFFLOAD_RECHECK
+                ):
+                    # next hops get resolved, neighbours change: look again
+                    async with self._lock:
+                        if not self.stopping:
+                            await self._sync_offload()
+            except Exception:  # the sampler must keep sampling the workers
+                log.exception("offload: could not refresh")
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     def workers_healthy(self) -> bool:
@@ -712,6 +815,7 @@ class Supervisor:
         return all(now - w.last_heard < LATE_AFTER for p in self.ports.values() for w in p.workers())
 
     async def start(self) -> None:
+        await self.clear_leftovers()
         await self.reconcile("start")
         await asyncio.gather(*(p.wait_settled() for p in self.ports.values()))
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
@@ -744,6 +848,7 @@ class Supervisor:
             for dest in spec.destinations():
                 ostate, oreason = self.output_state(dest)
                 outputs.append({"destination": str(dest), "state": ostate, "reason": oreason})
+            decision = self.offloaded.decisions.get(str(spec.key))
             views.append(
                 {
                     "name": spec.name,
@@ -754,6 +859,8 @@ class Supervisor:
                     "outputs": outputs,
                     "state": state,
                     "reason": reason,
+                    "path": "kernel" if decision and decision.kernel else "user",
+                    "path_reason": decision.reason if decision else "",
                 }
             )
         return views
@@ -807,13 +914,27 @@ class Supervisor:
                 c = counters["rules"].get(key, {"packets": 0, "bytes": 0, "limited": 0, "outputs": []})
                 by_dest = {o["destination"]: o for o in c["outputs"]}
                 pps, bps = rates.get((key, ""), (0.0, 0.0))
+                kernel = self.kernel_counters(spec)
+                krates = self.kernel_rates(spec)
+                if kernel is not None:  # what the kernel relayed, added to what the workers did
+                    c = {**c, "packets": c["packets"] + kernel[0][0], "bytes": c["bytes"] + kernel[0][1]}
+                if krates is not None:
+                    pps, bps = pps + krates[0][0], bps + krates[0][1]
                 outputs = []
-                for d in spec.destinations():
+                for n, d in enumerate(spec.destinations()):
                     label = str(d)
                     o = by_dest.get(
                         label, {"destination": label, "packets": 0, "bytes": 0, "errors": 0, "last_error": ""}
                     )
                     opps, obps = rates.get((key, label), (0.0, 0.0))
+                    if kernel is not None:
+                        o = {
+                            **o,
+                            "packets": o["packets"] + kernel[1][n][0],
+                            "bytes": o["bytes"] + kernel[1][n][1],
+                        }
+                    if krates is not None:
+                        opps, obps = opps + krates[1][n][0], obps + krates[1][n][1]
                     outputs.append({**o, "pps": round(opps, 1), "bps": round(obps, 1)})
                 rules.append(
                     {
@@ -876,3 +997,9 @@ class Supervisor:
                 if out.sock is not None:
                     out.sock.close()
             self.outputs.clear()
+            if self.offload_shape is not None:
+                try:
+                    await self.nft.remove()
+                except OSError as exc:
+                    log.error("offload: could not remove the kernel's table: %s", exc)
+                self.offload_shape = None
