@@ -120,19 +120,23 @@ class Relay:
 class Mcrd(Relay):
     name = "mcrd"
 
-    def __init__(self, workdir: Path, rules: int = 1) -> None:
+    def __init__(self, workdir: Path, rules: int = 1, offload: bool = False) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = workdir
         self.rules = rules
+        self.offload = offload
         if rules > 1:
             self.name = f"mcrd-{rules}"
+        if offload:
+            self.name = "mcrd-k"  # relayed by the kernel (offload = "auto")
 
     def start(self, net: Net, outputs: int) -> None:
         outs = ", ".join(
             f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000 }}' for k in range(outputs)
         )
         config = self.dir / "mcr.toml"
-        text = (
+        text = '[daemon]\noffload = "auto"\n' if self.offload else ""
+        text += (
             f'[[rule]]\ninput = {{ interface = "in0", group = "239.1.1.1", port = 5000 }}\n'
             f"outputs = [ {outs} ]\n"
         )
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     seconds = 0.5 if args.quick else args.seconds
     steps = 1 if args.quick else 4
-    relays: list[Relay] = [Mcrd(build), Socat(), Kernel()]
+    relays: list[Relay] = [Mcrd(build), Mcrd(build, offload=True), Socat(), Kernel()]
     many = Mcrd(build, rules=args.rules)
     results: dict[tuple[int, int, str], Result] = {}
     with Lab("mcrb-") as lab:
@@ -416,26 +420,32 @@ def _fmt(values: list[float]) -> str:
 
 
 def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, int]], rounds: int) -> str:
+    columns = ("mcrd", "mcrd-k", "socat", "kernel")
     lines = [
         f"max rate with <= {LOSS:.1%} loss to every sink, datagrams/s: median (min-max) of {rounds} round(s)",
+        'mcrd: user-space data path; mcrd-k: mcrd with offload = "auto" (relayed by nftables in the kernel)',
         "",
-        f"{'case':<12}{'mcrd':>30}{'socat':>30}{'kernel':>30}{'mcrd/socat':>12}{'mcrd/kernel':>12}"
-        f"{'mcrd us/pkt':>13}",
+        f"{'case':<11}" + "".join(f"{n:>29}" for n in columns) + f"{'m/socat':>8}{'m/kern':>7}{'mk/socat':>9}"
+        f"{'mk/kern':>8}{'m us/pkt':>9}",
     ]
     for size, outputs in cases:
-        row = f"{size} B x{outputs}".ljust(12)
+        row = f"{size} B x{outputs}".ljust(11)
         med = {}
-        for name in ("mcrd", "socat", "kernel"):
+        for name in columns:
             res = results.get((size, outputs, name))
             if res is None or not res.rates:
-                row += f"{'-':>30}"
+                row += f"{'-':>29}"
                 continue
             med[name] = statistics.median(res.rates)
-            row += f"{_fmt(res.rates) + (' *' if res.limited else ''):>30}"
-        ratio = {k: med["mcrd"] / med[k] if med.get(k) else float("nan") for k in ("socat", "kernel")}
+            row += f"{_fmt(res.rates) + (' *' if res.limited else ''):>29}"
+
+        def ratio(a: str, b: str, med: dict[str, float] = med) -> float:
+            return med[a] / med[b] if med.get(a) and med.get(b) else float("nan")
+
         cpu = results.get((size, outputs, "mcrd"))
-        row += f"{ratio['socat']:>12.2f}{ratio['kernel']:>12.2f}"
-        row += f"{statistics.median(cpu.cpu_us):>13.2f}" if cpu and cpu.cpu_us else f"{'-':>13}"
+        row += f"{ratio('mcrd', 'socat'):>8.2f}{ratio('mcrd', 'kernel'):>7.2f}"
+        row += f"{ratio('mcrd-k', 'socat'):>9.2f}{ratio('mcrd-k', 'kernel'):>8.2f}"
+        row += f"{statistics.median(cpu.cpu_us):>9.2f}" if cpu and cpu.cpu_us else f"{'-':>9}"
         lines.append(row)
     lines.append("")
     lines.append("* the generator, not the relay, was the limit in at least one round")
@@ -455,7 +465,7 @@ def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, i
             delivered = statistics.median(d for _o, d in res.overload)
             row += f"{f'{delivered:,.0f} of {offered:,.0f}':>28}"
         lines.append(row)
-    many = [name for name in names if name.startswith("mcrd-")]
+    many = [name for name in names if name.startswith("mcrd-") and name != "mcrd-k"]
     for name in many:
         a, b = results.get((*cases[0], "mcrd")), results.get((*cases[0], name))
         if a and b and a.rates and b.rates:

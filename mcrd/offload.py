@@ -83,29 +83,36 @@ class Plan:
     chains: dict[Port, list[str]] = field(default_factory=dict)
     counters: list[str] = field(default_factory=list)
 
-    def script(self, seed: dict[str, tuple[int, int]]) -> str:
-        """The whole table as an nft script, replacing whatever was there;
-        counters start at `seed` (their values in the table replaced)."""
-        lines = [f"table netdev {TABLE}", f"delete table netdev {TABLE}"]
-        if not self.chains:
-            return "\n".join(lines) + "\n"
-        lines.append(f"table netdev {TABLE} {{")
-        for name in self.counters:
-            packets, octets = seed.get(name, (0, 0))
-            lines.append(f"    counter {name} {{ packets {packets} bytes {octets} }}")
+    def chain_names(self) -> list[str]:
+        return [f"in_{port.index}" for port in sorted(self.chains, key=lambda p: p.index)]
+
+    def transaction(self, installed: Plan | None) -> str:
+        """An nft script taking the table from `installed` (None: nothing of
+        ours) to this plan in one atomic transaction. Chains are replaced
+        whole; counters that stay are kept with their values, so nothing is
+        lost to a reload; the table goes when nothing is left in it."""
+        lines = [f"add table netdev {TABLE}"]
+        lines += [f"add counter netdev {TABLE} {name}" for name in self.counters]
+        for name in installed.chain_names() if installed else []:
+            # `add` first: on kernels that drop a chain with its device, it is back to be deleted
+            lines += [f"add chain netdev {TABLE} {name}", f"flush chain netdev {TABLE} {name}"]
+            lines.append(f"delete chain netdev {TABLE} {name}")
         for port, rules in sorted(self.chains.items(), key=lambda item: item[0].index):
-            lines.append(f"    chain in_{port.index} {{")
+            chain = f"in_{port.index}"
             lines.append(
-                f'        type filter hook ingress device "{port.name}" priority {PRIORITY}; policy accept;'
+                f"add chain netdev {TABLE} {chain} "
+                f'{{ type filter hook ingress device "{port.name}" priority {PRIORITY}; policy accept; }}'
             )
-            lines.extend(f"        {rule}" for rule in rules)
-            lines.append("    }")
-        lines.append("}")
+            lines += [f"add rule netdev {TABLE} {chain} {rule}" for rule in rules]
+        stale = sorted(set(installed.counters) - set(self.counters)) if installed else []
+        lines += [f"delete counter netdev {TABLE} {name}" for name in stale]
+        if not self.chains:
+            lines.append(f"delete table netdev {TABLE}")
         return "\n".join(lines) + "\n"
 
     def shape(self) -> str:
-        """The script without counter values: equal shapes need no reload."""
-        return self.script({})
+        """What the kernel holds for this plan: equal shapes need no change."""
+        return self.transaction(None)
 
 
 def multicast_mac(group: str) -> str:

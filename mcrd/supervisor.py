@@ -341,6 +341,8 @@ class Supervisor:
         self.nft = nft or Nft()
         self.offloaded = Plan()  # what the kernel relays now
         self.offload_shape: str | None = None  # the table as last installed; None: none
+        self.installed: Plan | None = None  # the plan the kernel holds
+        self.cleared = False  # a crash's leftover table removed
         self.offload_samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.offload_checked = 0.0
         self.ports: dict[str, InputPort] = {}
@@ -416,8 +418,10 @@ class Supervisor:
     def offload_mode(self, spec: RuleSpec) -> OffloadMode:
         return spec.offload or self.offload_default
 
-    async def clear_leftovers(self) -> None:
-        """Remove a table a crashed mcrd left behind (this netns's only)."""
+    async def _clear_leftovers(self) -> None:
+        """Remove a table a crashed mcrd left behind (this netns's only),
+        once, before the first change mcrd makes."""
+        self.cleared = True
         if not self.nft.missing:
             try:
                 await self.nft.remove()
@@ -427,6 +431,8 @@ class Supervisor:
     async def _sync_offload(self) -> None:
         """Converge the kernel's table on the rules it can relay; replace it
         only when what it should hold changed."""
+        if not self.cleared:
+            await self._clear_leftovers()
         modes: dict[str, OffloadMode] = {str(s.key): self.offload_mode(s) for s in self.rules}
         wanted = [s for s in self.rules if modes[str(s.key)] != "off"]
         self.offload_checked = time.monotonic()
@@ -441,20 +447,19 @@ class Supervisor:
             self.offloaded = new
             return
         try:
-            seed = await self.nft.counters()
-            await self.nft.apply(new.script(seed))
+            await self.nft.apply(new.transaction(self.installed))
         except OSError as exc:
             log.error("offload: could not program the kernel (%s); relaying in user space", exc)
             with contextlib.suppress(OSError):
                 await self.nft.remove()
-            self.offload_shape = None
+            self.offload_shape, self.installed = None, None
             self.offload_samples.clear()
             self.offloaded = plan(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
             return
         kernel = sum(1 for d in new.decisions.values() if d.kernel)
         log.info("offload: the kernel relays %d rule(s)", kernel)
         self.offload_shape, self.offloaded = shape, new
-        # counters were carried into the new table: samples stay comparable
+        self.installed = new if new.chains else None
 
     async def _sample_offload(self) -> None:
         if self.offload_shape is None:
@@ -815,7 +820,6 @@ class Supervisor:
         return all(now - w.last_heard < LATE_AFTER for p in self.ports.values() for w in p.workers())
 
     async def start(self) -> None:
-        await self.clear_leftovers()
         await self.reconcile("start")
         await asyncio.gather(*(p.wait_settled() for p in self.ports.values()))
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
@@ -1002,4 +1006,4 @@ class Supervisor:
                     await self.nft.remove()
                 except OSError as exc:
                     log.error("offload: could not remove the kernel's table: %s", exc)
-                self.offload_shape = None
+                self.offload_shape, self.installed = None, None

@@ -57,10 +57,24 @@ def test_a_multicast_rule_is_rewritten_counted_and_forwarded() -> None:
     assert "ip saddr set 198.51.100.1 ip daddr set 239.2.2.2 udp dport set 6000 ip ttl set 1" in first
     assert "ip saddr set 203.0.113.1 ip daddr set 239.3.3.3 udp dport set 5000 ip ttl set 4" in second
     assert second.endswith('fwd to "out1"')
-    script = p.script({p.counters[0]: (7, 700)})
-    assert script.startswith("table netdev mcrd\ndelete table netdev mcrd\ntable netdev mcrd {")
-    assert f"counter {p.counters[0]} {{ packets 7 bytes 700 }}" in script
-    assert 'type filter hook ingress device "in0" priority -500; policy accept;' in script
+    first_time = p.transaction(None).splitlines()
+    assert first_time[0] == "add table netdev mcrd"
+    assert sorted(first_time[1:4]) == [f"add counter netdev mcrd {c}" for c in sorted(p.counters)]
+    assert first_time[4] == (
+        'add chain netdev mcrd in_2 { type filter hook ingress device "in0" priority -500; policy accept; }'
+    )
+    assert first_time[5] == f"add rule netdev mcrd in_2 {text}" and len(first_time) == 6
+    # a change: the chain is replaced whole, counters that stay are kept, the rest go
+    other = spec(input={"interface": "in0", "group": "239.1.1.9", "port": 5000})
+    q = plan([other], {str(other.key): "auto"}, PORTS, egress(other))
+    change = q.transaction(p).splitlines()
+    assert change[3:6] == [
+        "add chain netdev mcrd in_2",
+        "flush chain netdev mcrd in_2",
+        "delete chain netdev mcrd in_2",
+    ]
+    assert change[-3:] == [f"delete counter netdev mcrd {c}" for c in sorted(p.counters)]
+    assert plan([], {}, PORTS, {}).transaction(q).splitlines()[-1] == "delete table netdev mcrd"
     assert p.shape() == plan([rule], {str(rule.key): "auto"}, PORTS, egress(rule)).shape()
 
 
@@ -100,7 +114,7 @@ def test_what_stays_in_user_space_says_why() -> None:
         "239.1.1.5": "no interface named 'eth9'",
         "239.1.1.6": "offload is off",
     }
-    assert not p.chains and p.script({}) == "table netdev mcrd\ndelete table netdev mcrd\n"
+    assert not p.chains and not p.counters
     resolved = egress(unicast, neighbours={(3, "198.51.100.2"): "02:00:00:00:00:99"})
     p = plan([unicast], {str(unicast.key): "auto"}, PORTS, resolved)
     assert "ether daddr set 02:00:00:00:00:99" in p.chains[IN0][0]
