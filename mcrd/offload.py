@@ -83,21 +83,25 @@ class Plan:
     chains: dict[Port, list[str]] = field(default_factory=dict)
     counters: list[str] = field(default_factory=list)
 
-    def chain_names(self) -> list[str]:
-        return [f"in_{port.index}" for port in sorted(self.chains, key=lambda p: p.index)]
-
     def transaction(self, installed: Plan | None) -> str:
         """An nft script taking the table from `installed` (None: nothing of
-        ours) to this plan in one atomic transaction. Chains are replaced
-        whole; counters that stay are kept with their values, so nothing is
-        lost to a reload; the table goes when nothing is left in it."""
+        ours) to this plan in one atomic transaction. Only the chains (input
+        interfaces) whose rules changed are replaced, whole; counters that
+        stay keep their values, so nothing is lost to a reload; the table
+        goes when nothing is left in it."""
+        before = installed.chains if installed else {}
         lines = [f"add table netdev {TABLE}"]
         lines += [f"add counter netdev {TABLE} {name}" for name in self.counters]
-        for name in installed.chain_names() if installed else []:
+        for port in sorted(before, key=lambda p: p.index):
+            if self.chains.get(port) == before[port]:
+                continue  # unchanged: not touched at all
+            name = f"in_{port.index}"
             # `add` first: on kernels that drop a chain with its device, it is back to be deleted
             lines += [f"add chain netdev {TABLE} {name}", f"flush chain netdev {TABLE} {name}"]
             lines.append(f"delete chain netdev {TABLE} {name}")
         for port, rules in sorted(self.chains.items(), key=lambda item: item[0].index):
+            if before.get(port) == rules:
+                continue
             chain = f"in_{port.index}"
             lines.append(
                 f"add chain netdev {TABLE} {chain} "

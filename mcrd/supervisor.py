@@ -28,7 +28,18 @@ from typing import Any
 
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
-from mcrd.offload import HEADERS, Nft, OffloadMode, Plan, gather, output_counter, plan, rule_counter
+from mcrd.offload import (
+    HEADERS,
+    Egress,
+    Nft,
+    OffloadMode,
+    Plan,
+    Port,
+    gather,
+    output_counter,
+    plan,
+    rule_counter,
+)
 from mcrd.packet import DROP_REASONS, FilterEntry, ip_to_int
 from mcrd.rulebook import rule_id
 from mcrd.rules import Destination, RuleSpec, is_multicast
@@ -411,7 +422,10 @@ class Supervisor:
                     log.exception("input %s: could not apply its rules", name)
                     port.reason = f"error: {exc}"
             self._close_unused_outputs()
-            await self._sync_offload()
+            try:
+                await self._sync_offload()
+            except Exception:  # offload trouble must not stop a reload: workers relay everything
+                log.exception("offload: could not converge the kernel's table")
 
     # -- kernel offload ---------------------------------------------------------
 
@@ -440,7 +454,14 @@ class Supervisor:
             self.offloaded = plan(self.rules, modes, {}, {})
             return
         unavailable = self.nft.missing
-        ports, egress = ({}, {}) if unavailable else await asyncio.to_thread(gather, wanted)
+        ports: dict[str, Port] = {}
+        egress: dict[Destination, Egress] = {}
+        if not unavailable:
+            try:
+                ports, egress = await asyncio.to_thread(gather, wanted)
+            except Exception as exc:  # then nothing is offloaded until the next look
+                log.error("offload: could not look up interfaces, routes and neighbours: %s", exc)
+                unavailable = f"netlink lookup failed: {exc}"
         new = plan(self.rules, modes, ports, egress, unavailable)
         shape = new.shape() if new.chains else None
         if shape == self.offload_shape:

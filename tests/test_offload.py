@@ -22,6 +22,10 @@ def spec(**kw: object) -> RuleSpec:
     return RuleSpec.model_validate(data)
 
 
+def on(group: str, *outputs: dict[str, object], interface: str = "in0") -> RuleSpec:
+    return spec(input={"interface": interface, "group": group, "port": 5000}, outputs=list(outputs))
+
+
 def egress(
     *specs: RuleSpec, neighbours: dict[tuple[int, str], str] | None = None
 ) -> dict[Destination, Egress]:
@@ -138,3 +142,20 @@ def test_counters_are_read_from_nft_json_and_garbage_is_ignored() -> None:
     )
     assert parse_counters(text) == {"r_1": (5, 300)}
     assert parse_counters("not json") == {} and parse_counters("[]") == {}
+
+
+def test_a_change_on_one_input_leaves_the_other_inputs_chain_alone() -> None:
+    in1 = Port(6, "in1", True, True, "02:00:00:00:00:06", 1500)
+    ports = {**PORTS, "in1": in1}
+    a = spec()
+    b = on("239.1.1.2", {"interface": "out1", "group": "239.3.3.3"}, interface="in1")
+    b2 = on("239.1.1.2", {"interface": "out1", "group": "239.3.3.4"}, interface="in1")
+    modes = {str(r.key): "auto" for r in (a, b)}
+    old = plan([a, b], modes, ports, egress(a, b))  # type: ignore[arg-type]
+    new = plan([a, b2], modes, ports, egress(a, b2))  # type: ignore[arg-type]
+    script = new.transaction(old)
+    assert "in_2" not in script  # in0's chain is not touched
+    assert "delete chain netdev mcrd in_6" in script and "ip daddr set 239.3.3.4" in script
+    assert new.transaction(new).splitlines() == ["add table netdev mcrd"] + [
+        f"add counter netdev mcrd {c}" for c in new.counters
+    ]
