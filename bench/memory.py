@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrd.demo import wait_ready
+from mcrd.demo import spawn_mcrd, wait_ready
 from mcrd.lab import Lab, descendants
 
 
@@ -60,27 +60,7 @@ def measure(lab: Lab, relay: str, workdir: Path, count: int, workers: int) -> di
     config.write_text(rules_text(count, workers))
     sock = workdir / "control.sock"
     began = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            relay,
-            sys.executable,
-            "-m",
-            "mcrd.daemon",
-            "--config",
-            str(config),
-            "--control-socket",
-            str(sock),
-            "--log-level",
-            "warning",
-            "--no-watch",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "MCRD_RUNTIME_RULES": str(workdir / "runtime.toml")},
-    )
+    proc = spawn_mcrd(relay, config, sock, quiet=True)
     try:
         wait_ready(sock, proc)
         ready = time.monotonic() - began

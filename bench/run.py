@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrd.demo import wait_ready
+from mcrd.demo import spawn_mcrd, wait_ready
 from mcrd.lab import Lab, descendants
 
 HERE = Path(__file__).resolve().parent
@@ -152,30 +152,7 @@ class Mcrd(Relay):
             )
         config.write_text(text)
         sock = self.dir / "control.sock"
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                net.relay,
-                "taskset",
-                "-c",
-                RELAY_CPU,
-                sys.executable,
-                "-m",
-                "mcrd.daemon",
-                "--config",
-                str(config),
-                "--control-socket",
-                str(sock),
-                "--log-level",
-                "warning",
-                "--no-watch",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "MCRD_RUNTIME_RULES": str(self.dir / "runtime.toml")},
-        )
+        self.proc = spawn_mcrd(net.relay, config, sock, quiet=True, cpu=RELAY_CPU)
         wait_ready(sock, self.proc)
 
     def pids(self) -> list[int]:

@@ -38,6 +38,21 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def spawn_mcrd(
+    ns: str, config: Path, sock: Path, *, quiet: bool = False, cpu: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start mcrd in namespace `ns` on a lab's rule file, its control socket
+    and runtime rules beside it; `quiet`: warnings only, no file watching,
+    output discarded (benchmarks); `cpu`: pinned to that CPU."""
+    argv = ["ip", "netns", "exec", ns, *(["taskset", "-c", cpu] if cpu else [])]
+    argv += [sys.executable, "-m", "mcrd.daemon", "--config", str(config), "--control-socket", str(sock)]
+    if quiet:
+        argv += ["--log-level", "warning", "--no-watch"]
+    out = subprocess.DEVNULL if quiet else None
+    env = {**os.environ, "MCRD_RUNTIME_RULES": str(config.parent / "runtime.toml")}
+    return subprocess.Popen(argv, stdout=out, stderr=out, env=env)
+
+
 def wait_ready(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,21 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(RULES)
         sock = Path(tmp) / "control.sock"
         say(f"\nrule file {config}:\n{RULES}")
-        mcrd = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                relay,
-                sys.executable,
-                "-m",
-                "mcrd.daemon",
-                "--config",
-                str(config),
-                "--control-socket",
-                str(sock),
-            ],
-        )
+        mcrd = spawn_mcrd(relay, config, sock)
         try:
             wait_ready(sock, mcrd)
             say(f"$ mcrctl --socket {sock} list")

@@ -282,6 +282,24 @@ class Sender:
             n += 1
         return n
 
+    @contextmanager
+    def streaming(
+        self, group: str, port: int, stream: int, rate: float = 1000.0, size: int = 64
+    ) -> Iterator[list[int]]:
+        """Stream sequenced payloads from a thread while the block runs; the
+        list it gives holds, once the block has ended, how many were sent."""
+        stop = threading.Event()
+        sent: list[int] = []
+        thread = threading.Thread(
+            target=lambda: sent.append(self.stream_until(stop, group, port, stream, rate, size))
+        )
+        thread.start()
+        try:
+            yield sent
+        finally:
+            stop.set()
+            thread.join()
+
     def close(self) -> None:
         self.sock.close()
 

@@ -27,6 +27,7 @@ and `gather` asks netlink how each output would be sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -42,6 +43,7 @@ log = logging.getLogger("mcrd.offload")
 
 OffloadMode = Literal["off", "auto"]
 TABLE = "mcrd"
+REMOVE = f"table netdev {TABLE}\ndelete table netdev {TABLE}\n"  # whether it exists or not
 PRIORITY = -500  # before the usual ingress chains: what we relay, we consume
 HEADERS = 28  # IPv4 without options + UDP: nft counts IP bytes, mcrd payload bytes
 ARPHRD_ETHER = 1
@@ -309,7 +311,12 @@ class Nft:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await proc.communicate(script.encode() if script is not None else None)
+        try:
+            out, err = await proc.communicate(script.encode() if script is not None else None)
+        except BaseException:  # cancelled (mcrd stopping): nft finishes its transaction alone
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         if proc.returncode != 0:
             raise OSError(f"nft {' '.join(args)}: {err.decode(errors='replace').strip()}")
         return out.decode()
@@ -326,7 +333,7 @@ class Nft:
         return parse_counters(text)
 
     async def remove(self) -> None:
-        await self.apply(f"table netdev {TABLE}\ndelete table netdev {TABLE}\n")
+        await self.apply(REMOVE)
 
 
 def parse_counters(text: str) -> dict[str, tuple[int, int]]:

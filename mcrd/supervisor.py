@@ -353,9 +353,9 @@ class Supervisor:
         self.offloaded = Plan()  # what the kernel relays now
         self.offload_shape: str | None = None  # the table as last installed; None: none
         self.installed: Plan | None = None  # the plan the kernel holds
-        self.cleared = False  # a crash's leftover table removed
         self.offload_samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.offload_checked = 0.0
+        self.started = False  # nothing is touched before start(): the control socket is ours then
         self.ports: dict[str, InputPort] = {}
         self.outputs: dict[tuple[str | None, int], OutputSocket] = {}
         self.links: Snapshot | None = None  # None until netlink has told us
@@ -371,7 +371,7 @@ class Supervisor:
         """Called by the netlink monitor with every new snapshot."""
         before = self.links
         self.links = snapshot
-        if before is not None and self._relevant(before) == self._relevant(snapshot):
+        if not self.started or (before is not None and self._relevant(before) == self._relevant(snapshot)):
             return
         self._links_dirty = True
         if self._relink is None or self._relink.done():
@@ -433,9 +433,8 @@ class Supervisor:
         return spec.offload or self.offload_default
 
     async def _clear_leftovers(self) -> None:
-        """Remove a table a crashed mcrd left behind (this netns's only),
-        once, before the first change mcrd makes."""
-        self.cleared = True
+        """Remove the table a crashed mcrd left behind (in this network
+        namespace): once, at start, before mcrd changes anything."""
         if not self.nft.missing:
             try:
                 await self.nft.remove()
@@ -445,8 +444,6 @@ class Supervisor:
     async def _sync_offload(self) -> None:
         """Converge the kernel's table on the rules it can relay; replace it
         only when what it should hold changed."""
-        if not self.cleared:
-            await self._clear_leftovers()
         modes: dict[str, OffloadMode] = {str(s.key): self.offload_mode(s) for s in self.rules}
         wanted = [s for s in self.rules if modes[str(s.key)] != "off"]
         self.offload_checked = time.monotonic()
@@ -841,6 +838,8 @@ class Supervisor:
         return all(now - w.last_heard < LATE_AFTER for p in self.ports.values() for w in p.workers())
 
     async def start(self) -> None:
+        self.started = True
+        await self._clear_leftovers()
         await self.reconcile("start")
         await asyncio.gather(*(p.wait_settled() for p in self.ports.values()))
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")

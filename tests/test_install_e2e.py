@@ -38,6 +38,7 @@ DEPENDENCIES = [
     "python3-sdnotify",
     "python3-tomli-w",
     "python3-watchfiles",
+    "nftables",  # recommended (kernel offload); apt installs recommendations
 ]
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 

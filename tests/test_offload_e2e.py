@@ -14,7 +14,7 @@ import json
 import shutil
 import signal
 import subprocess
-import threading
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +89,13 @@ def test_a_reload_replaces_the_table_without_a_gap_and_counters_carry_over(
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001, "--no-watch")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     tx = Sender(net.src, "eth0")
-    stop = threading.Event()
-    sent: list[int] = []
-    sender = threading.Thread(
-        target=lambda: sent.append(tx.stream_until(stop, "239.1.1.1", 5000, 2, rate=2000))
-    )
     with collecting(rx):
-        sender.start()
-        try:
+        with tx.streaming("239.1.1.1", 5000, stream=2, rate=2000) as sent:
             for n in range(10):  # rule b changes ten times while a streams
                 daemon.config.write_text(AUTO + TWO % (6002 + n))
                 result = json.loads(mcrctl(daemon.socket, "--json", "reload").stdout)
                 assert result["result"] == "applied" and result["changed"] == ["b"], result
                 assert f"udp dport set {6002 + n}" in nft(net.relay, "list", "table", "netdev", "mcrd")
-        finally:
-            stop.set()
-            sender.join()
         total = sent[0]
         wait_until(lambda: len(rx.seqs(2)) >= total, what="the whole stream")
     assert rx.seqs(2) == list(range(total)), "rule a lost, duplicated or reordered datagrams"
@@ -178,3 +169,21 @@ rate_limit = { pps = 100 }
     lines: dict[str, Any] = {line.split()[1]: line for line in out.splitlines()[1:]}
     assert lines["a"].rstrip().endswith("kernel")
     assert lines["slow"].rstrip().endswith("user (rate limits are policed in user space)")
+
+
+def test_a_second_mcrd_refused_on_the_socket_leaves_the_table_alone(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
+    before = nft(net.relay, "list", "table", "netdev", "mcrd")
+    argv = ["ip", "netns", "exec", net.relay, sys.executable, "-m", "mcrd.daemon"]
+    second = subprocess.run(
+        [*argv, "--config", str(daemon.config), "--control-socket", str(daemon.socket)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.returncode == 1 and "another mcrd is already listening" in second.stderr
+    assert nft(net.relay, "list", "table", "netdev", "mcrd") == before  # nothing was touched
+    assert paths(daemon)["a"] == ("kernel", "")
