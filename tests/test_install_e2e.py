@@ -320,7 +320,27 @@ def test_installed_service_end_to_end(installed: tuple[Machine, Lab, dict[str, s
     refused = machine.sh("runuser -u someone -- mcrctl status", check=False)
     assert refused.returncode == 3 and "permission denied" in refused.stderr
 
-    # 6. An upgrade keeps the edited /etc/mcr.toml and restarts; purge leaves nothing running.
+    # 6. Kernel offload works inside the unit's sandbox (nft as a child, bounded
+    # capabilities, system call filter), and a stop removes the table.
+    assert text.count("\n[daemon]\n") == 1  # the shipped file has the table
+    (machine.root / "etc" / "mcr.toml").write_text(
+        text.replace("\n[daemon]\n", '\n[daemon]\noffload = "auto"\n')
+    )
+    machine.sh("systemctl restart mcrd")
+    wait_until(
+        lambda: '"path": "kernel"' in machine.sh("mcrctl --json list").stdout,
+        timeout=20,
+        what="the rule to be offloaded",
+    )
+    assert "fwd to" in machine.sh("nft list table netdev mcrd").stdout
+    assert relays(lab, "239.2.2.3", 6), "the kernel did not relay"
+    machine.sh("systemctl stop mcrd")
+    assert machine.sh("nft list table netdev mcrd", check=False).returncode != 0, "the table outlived mcrd"
+    (machine.root / "etc" / "mcr.toml").write_text(text)
+    machine.sh("systemctl start mcrd")
+    wait_until(lambda: relays(lab, "239.2.2.3", 7), timeout=20, what="relaying from user space again")
+
+    # 7. An upgrade keeps the edited /etc/mcr.toml and restarts; purge leaves nothing running.
     upgrade = build_package(work, "0.1.0+test1")
     shutil.copy(upgrade, machine.root / "root" / upgrade.name)
     before = machine.main_pid()

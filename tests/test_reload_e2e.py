@@ -225,6 +225,8 @@ def test_sighup_and_mcrctl_reload_are_the_same_reload(
     by_signal = wait_reload(daemon, count)
     assert by_signal["result"] == "applied" and by_signal["triggers"] == ["SIGHUP"]
     assert sorted(by_signal["added"]) == ["o0", "o1", "o2", "side"]
+    # a reload answers once the rules are applied; a new input's worker may still be starting
+    wait_until(daemon.all_active, what="the added rules' workers")
     listed = mcrctl_json(daemon.socket, "list")
 
     daemon.config.write_text(x_rule())
@@ -234,6 +236,7 @@ def test_sighup_and_mcrctl_reload_are_the_same_reload(
     result = mcrctl(daemon.socket, "reload", check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "applied (5 rule(s))"
+    wait_until(daemon.all_active, what="the added rules' workers")
     assert mcrctl_json(daemon.socket, "list") == listed
 
     unchanged = mcrctl(daemon.socket, "reload", check=False)
