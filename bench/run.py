@@ -361,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     build = Path(tempfile.mkdtemp(prefix="mcrb-"))
+    try:
+        return measure(args, build)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, build: Path) -> int:
+    """Build the generator in `build`, run every case, print the report."""
     gen = build / "gen"
     subprocess.run(["cc", "-O2", "-o", str(gen), str(HERE / "gen.c")], check=True)
     cases = [(64, 1)] if args.quick else [(64, 1), (1024, 1), (64, 4), (1024, 4)]
@@ -404,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
-    shutil.rmtree(build, ignore_errors=True)
     print(report(results, cases, rounds))
     return 0
 
