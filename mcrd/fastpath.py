@@ -35,9 +35,6 @@ TP_STATUS_USER = 1
 BLOCK = struct.Struct("=8xIII4xQ")  # block_status, num_pkts, offset_to_first_pkt, seq_num
 _STATUS = struct.Struct("=I")
 FRAME = struct.Struct("=I8xII4xHH")  # tp_next_offset, tp_snaplen, tp_len, tp_mac, tp_net
-#: IPv4 without options, then UDP: version/ihl, total length, flags/fragment
-#: offset, protocol, source, destination, destination port, UDP length
-IPUDP = struct.Struct("!BxH2xHxB2xII2xHH")
 HEADERS = 28  # IPv4 without options + UDP
 
 #: a 16-bit value as read in native byte order from network byte order
@@ -137,7 +134,6 @@ class Sender:
     """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         self._iov_buf = bytearray(16 * capacity)
         self.iov_addr, self._iov_pin = _address(self._iov_buf)
         self.iov = memoryview(self._iov_buf).cast("Q")

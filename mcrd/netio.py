@@ -50,10 +50,6 @@ class RingSpec:
     block_count: int = 256
     timeout_ms: int = 2
 
-    @property
-    def size(self) -> int:
-        return self.block_size * self.block_count
-
     @classmethod
     def of_size(cls, mib: int) -> RingSpec:
         return cls(block_count=max(8, (mib << 20) // cls.block_size))
