@@ -106,11 +106,15 @@ class Ring:
         del self._pin
         self.map.close()
 
-    def ready(self) -> int | None:
-        """The offset of the next block owned by user space, or None."""
+    def ready(self, scan: bool = False) -> int | None:
+        """The offset of the next block owned by user space, or None. With
+        `scan`, when the next block is not ours, look through the whole ring
+        (only on a wakeup that found nothing: a predecessor left us mid-ring)."""
         offset = self.current * self.block_size
         if _STATUS.unpack_from(self.map, offset + 8)[0] & TP_STATUS_USER:
             return offset
+        if not scan:
+            return None
         oldest: tuple[int, int] | None = None  # a predecessor may have left us mid-ring
         for index in range(self.block_count):
             status, _n, _first, seq = BLOCK.unpack_from(self.map, index * self.block_size)

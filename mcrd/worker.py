@@ -243,12 +243,12 @@ class Worker:
 
     # -- data path ---------------------------------------------------------
 
-    def drain(self) -> bool:
+    def drain(self, scan: bool = False) -> bool:
         """Relay one block of the ring; True when there was one."""
         ring = self.ring
         if ring is None:
             return False
-        offset = ring.ready()
+        offset = ring.ready(scan)
         if offset is None:
             return False
         _status, count, first, _seq = fastpath.BLOCK.unpack_from(ring.map, offset)
@@ -393,7 +393,7 @@ class Worker:
                 if fd == chan_fd:
                     self.handle_channel()
                 elif fd == registered and events & (select.POLLIN | select.POLLERR):
-                    if not self.drain():
+                    if not self.drain() and not self.drain(scan=True):
                         time.sleep(0.001)  # readable yet no block of ours: do not spin
                     while self.drain() and not _readable(self.chan):
                         pass
