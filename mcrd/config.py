@@ -46,7 +46,7 @@ class DaemonOptions(BaseModel):
     #: worker processes per input interface, spread by flow hash (PACKET_FANOUT);
     #: "auto": 1 on up to 2 cores, else half the cores, at most 4
     workers: int | Literal["auto"] = "auto"
-    #: relay in the kernel (nftables netdev ingress) the rules that allow it:
+    #: relay in the kernel (an eBPF program at tc ingress) the rules that allow it:
     #: "auto", or "off" for user space only; a rule's own `offload` wins
     offload: Literal["auto", "off"] = "off"
     #: MiB of receive ring per worker (TPACKET_V3), 4 to 1024

@@ -1,52 +1,58 @@
-"""Kernel offload: rules relayed by an nftables netdev ingress chain.
+"""Kernel offload: rules relayed by eBPF programs at tc ingress.
 
-For a rule that can be offloaded, mcrd installs one nftables rule in the
-ingress chain of its input interface. It matches the rule's datagrams
-(plain IPv4 without options, not a fragment, UDP to the group and port,
-from the source if one is given, no longer than the smallest output MTU)
-before the IP stack or any packet socket sees them, and for each output
-rewrites the Ethernet and IP/UDP headers (`... set`, which keeps both
-checksums valid), counts, and transmits a copy with `dup to`; the last
-output takes the original with `fwd to`. So the datagram is consumed: it
-reaches neither user space nor the host's IP stack, and an application on
-the relay host that joined the same group gets nothing (rewriting happens
-in place, and nftables cannot put back the original source address). A
-rule whose input is also wanted locally keeps `offload = "off"`. Nothing is
-compiled: `nft` loads the rules, atomically.
+For the rules that can be offloaded, mcrd attaches a dispatcher program to
+the tc ingress hook of each input interface (through a `clsact` qdisc) and
+loads one program per rule (see `mcrd.ebpf`, which assembles them: nothing
+is compiled). Before the IP stack or any packet socket sees a datagram,
+the dispatcher finds its rule by (group, port, source) in a hash map and
+hands it to the rule's program, which takes it if it is no longer than the
+smallest output MTU and, for each output, rewrites the Ethernet and IP/UDP
+headers with both checksums kept valid, counts, and transmits a clone to
+every output but the last, which takes the datagram itself. So the
+datagram is consumed: it reaches neither user space nor the host's IP
+stack, and an application on the relay host that joined the same group
+gets nothing. A rule whose input is also wanted locally keeps
+`offload = "off"`.
 
-Everything mcrd installs lives in one table, `netdev mcrd`, which it
-replaces whole in one transaction whenever the wanted rules change (packets
-see the old table or the new one, never neither), seeds the new table's
-counters with the old ones' values, deletes at exit, and deletes at start
-should a crash have left it. Nothing outside that table is touched.
+What mcrd installs is one tc filter per input interface, of kind `bpf`,
+named `mcrd:<interface>`, at priority 1 of the ingress hook (and the
+`clsact` qdisc, if the interface had none). Reconciling works rule by rule,
+as for workers: a new rule's program is added, a changed rule's replaced in
+one atomic update (its datagrams meet the old program or the new one, never
+neither, and its counters carry over), a removed rule's deleted; the other
+rules are not touched. At exit mcrd deletes its filters, and the qdiscs it
+created if nothing else uses them; at start it deletes filters named
+`mcrd:` that a crash left behind. No other filter or qdisc is touched.
 
-This module's planning and rendering are pure; `Nft` runs the `nft` command
-and `gather` asks netlink how each output would be sent.
+This module's planning is pure; `gather` asks netlink how each output
+would be sent, and `Tc` loads and attaches the programs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
-import shutil
+import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mcrd.rulebook import rule_id
+from mcrd import ebpf
 from mcrd.rules import Destination, RuleSpec, is_multicast
 
 log = logging.getLogger("mcrd.offload")
 
 OffloadMode = Literal["off", "auto"]
-TABLE = "mcrd"
-REMOVE = f"table netdev {TABLE}\ndelete table netdev {TABLE}\n"  # whether it exists or not
-PRIORITY = -500  # before the usual ingress chains: what we relay, we consume
-HEADERS = 28  # IPv4 without options + UDP: nft counts IP bytes, mcrd payload bytes
 ARPHRD_ETHER = 1
+FILTER_PREFIX = "mcrd:"
+PRIO = 1  # first on the hook: what we relay, we consume
+HANDLE = 1
+ETH_P_IP = 0x0800
+INGRESS_CLSACT = 0xFFFFFFF2  # clsact's ingress hook
+INGRESS_QDISC = 0xFFFF0000  # the older `ingress` qdisc's, if the interface has that instead
+EGRESS_CLSACT = 0xFFFFFFF3
 
 
 @dataclass(frozen=True)
@@ -78,60 +84,33 @@ class Decision:
     reason: str = ""  # why the rule stays in user space
 
 
+#: The rules offloaded on one input interface, each with the
+#: key its counters are reported under.
+Program = tuple[tuple[str, ebpf.KernelRule], ...]
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What goes on one input interface."""
+
+    index: int
+    name: str
+    rules: Program
+
+
 @dataclass
 class Plan:
     decisions: dict[str, Decision] = field(default_factory=dict)  # by rule key
-    # input interface -> its nft rules; each names its counters
-    chains: dict[Port, list[str]] = field(default_factory=dict)
-    counters: list[str] = field(default_factory=list)
+    programs: dict[int, Attachment] = field(default_factory=dict)  # by input interface index
 
-    def transaction(self, installed: Plan | None) -> str:
-        """An nft script taking the table from `installed` (None: nothing of
-        ours) to this plan in one atomic transaction. Only the chains (input
-        interfaces) whose rules changed are replaced, whole; counters that
-        stay keep their values, so nothing is lost to a reload; the table
-        goes when nothing is left in it."""
-        before = installed.chains if installed else {}
-        lines = [f"add table netdev {TABLE}"]
-        lines += [f"add counter netdev {TABLE} {name}" for name in self.counters]
-        for port in sorted(before, key=lambda p: p.index):
-            if self.chains.get(port) == before[port]:
-                continue  # unchanged: not touched at all
-            name = f"in_{port.index}"
-            # `add` first: on kernels that drop a chain with its device, it is back to be deleted
-            lines += [f"add chain netdev {TABLE} {name}", f"flush chain netdev {TABLE} {name}"]
-            lines.append(f"delete chain netdev {TABLE} {name}")
-        for port, rules in sorted(self.chains.items(), key=lambda item: item[0].index):
-            if before.get(port) == rules:
-                continue
-            chain = f"in_{port.index}"
-            lines.append(
-                f"add chain netdev {TABLE} {chain} "
-                f'{{ type filter hook ingress device "{port.name}" priority {PRIORITY}; policy accept; }}'
-            )
-            lines += [f"add rule netdev {TABLE} {chain} {rule}" for rule in rules]
-        stale = sorted(set(installed.counters) - set(self.counters)) if installed else []
-        lines += [f"delete counter netdev {TABLE} {name}" for name in stale]
-        if not self.chains:
-            lines.append(f"delete table netdev {TABLE}")
-        return "\n".join(lines) + "\n"
-
-    def shape(self) -> str:
+    def shape(self) -> tuple[Attachment, ...]:
         """What the kernel holds for this plan: equal shapes need no change."""
-        return self.transaction(None)
+        return tuple(self.programs[i] for i in sorted(self.programs))
 
 
 def multicast_mac(group: str) -> str:
     low = int(ipaddress.IPv4Address(group)) & 0x7FFFFF
     return f"01:00:5e:{low >> 16:02x}:{(low >> 8) & 0xFF:02x}:{low & 0xFF:02x}"
-
-
-def rule_counter(spec: RuleSpec) -> str:
-    return f"r_{rule_id(spec.key)}"
-
-
-def output_counter(spec: RuleSpec, n: int) -> str:
-    return f"o_{rule_id(spec.key)}_{n}"
 
 
 def plan(
@@ -140,54 +119,39 @@ def plan(
     ports: dict[str, Port],
     egress: dict[Destination, Egress],
     unavailable: str = "",
+    refused: dict[str, str] | None = None,
 ) -> Plan:
-    """Decide which rules the kernel relays and render their nft rules."""
+    """Decide which rules the kernel relays and what each input interface's
+    programs hold. `refused`: rules (by key) whose program the kernel
+    would not take, and why."""
     result = Plan()
-    chains: dict[str, list[tuple[int, str]]] = {}
+    found: dict[str, list[tuple[int, str, ebpf.KernelRule]]] = {}
     for spec in specs:
         key = str(spec.key)
         if mode_of.get(key, "off") == "off":
             result.decisions[key] = Decision(False, "offload is off")
             continue
-        why = unavailable or _why_not(spec, ports, egress)
+        why = unavailable or _why_not(spec, ports, egress) or (refused or {}).get(key, "")
         if why:
             result.decisions[key] = Decision(False, why)
             continue
         result.decisions[key] = Decision(True)
         inp = spec.input
-        dests = spec.destinations()
-        outs = [egress[d] for d in dests]
-        mtu = min(o.port.mtu for o in outs if o.port)
-        match = [
-            "ip hdrlength 5",
-            "ip frag-off & 0x3fff == 0",
-            f"ip daddr {inp.group}",
-            "ip protocol udp",
-            f"udp dport {inp.port}",
-        ]
-        if inp.source:
-            match.append(f"ip saddr {inp.source}")
-        match.append(f"ip length <= {mtu}")  # larger ones go to user space, which fragments
-        parts = [*match, f'counter name "{rule_counter(spec)}"']
-        for n, (dest, out) in enumerate(zip(dests, outs, strict=True)):
+        outputs, mtu = [], 65535
+        for dest in spec.destinations():
+            out = egress[dest]
             assert out.port is not None
-            parts += [
-                f"ether saddr set {out.port.mac}",
-                f"ether daddr set {out.dst_mac}",
-                f"ip saddr set {out.src_ip}",
-                f"ip daddr set {dest.group}",
-                f"udp dport set {dest.port}",
-                f"ip ttl set {dest.ttl}",
-                f'counter name "{output_counter(spec, n)}"',
-                f'{"fwd" if n == len(dests) - 1 else "dup"} to "{out.port.name}"',
-            ]
-            result.counters.append(output_counter(spec, n))
-        result.counters.append(rule_counter(spec))
+            via = out.port
+            rewrite = (out.src_ip, dest.group, dest.port, dest.ttl)
+            outputs.append(ebpf.Output(via.index, via.mac, out.dst_mac, *rewrite))
+            mtu = min(mtu, out.port.mtu)
+        rule = ebpf.KernelRule(inp.group, inp.port, inp.source, mtu, tuple(outputs))
         # source-specific rules before the catch-all of the same group and port
-        chains.setdefault(inp.interface, []).append((0 if inp.source else 1, " ".join(parts)))
-    for name, rules in chains.items():
-        result.chains[ports[name]] = [text for _order, text in sorted(rules, key=lambda r: r[0])]
-    result.counters.sort()
+        found.setdefault(inp.interface, []).append((0 if inp.source else 1, key, rule))
+    for name, rules in found.items():
+        port = ports[name]
+        ordered = tuple((key, rule) for _order, key, rule in sorted(rules, key=lambda r: r[0]))
+        result.programs[port.index] = Attachment(port.index, port.name, ordered)
     return result
 
 
@@ -240,7 +204,7 @@ def egress_for(
     return Egress(port, source, mac)
 
 
-# -- the adapters: netlink lookups and the nft command -------------------------
+# -- the adapters: netlink lookups, and the programs in the kernel --------------
 
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
@@ -293,59 +257,303 @@ def gather(specs: list[RuleSpec]) -> tuple[dict[str, Port], dict[Destination, Eg
     return ports, egress
 
 
-class Nft:
-    """Runs `nft` for the table mcrd owns."""
+CAPACITY = 65536  # rules per input interface the kernel's table and program array hold
 
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or shutil.which("nft") or ""
+Counts = list[tuple[int, int]]  # (packets, payload bytes): the rule's, then each output's
+
+
+@dataclass
+class RuleLoaded:
+    """A rule's program in the kernel, its counters, and its index in the
+    program array."""
+
+    rule: ebpf.KernelRule
+    index: int
+    program_fd: int
+    counters_fd: int
+
+    def close(self) -> None:
+        _close(self.program_fd, self.counters_fd)
+
+    def read(self) -> Counts:
+        (words,) = ebpf.read_counters(self.counters_fd, 1, ebpf.slot_size(self.rule))
+        return [(words[2 * i], words[2 * i + 1]) for i in range(1 + len(self.rule.outputs))]
+
+
+@dataclass
+class Hooked:
+    """An input interface with mcrd's dispatcher attached."""
+
+    index: int
+    name: str
+    parent: int
+    created_qdisc: bool
+    dispatch_fd: int
+    table_fd: int
+    programs_fd: int
+    rules: dict[str, RuleLoaded] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for loaded in self.rules.values():
+            loaded.close()
+        _close(self.dispatch_fd, self.table_fd, self.programs_fd)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Tc:
+    """Loads the programs and attaches them at tc ingress; adds, replaces
+    and removes rules' programs one by one. Blocking (bpf(2) and netlink):
+    the supervisor calls it from a thread, and a lock keeps calls apart."""
+
+    def __init__(self) -> None:
+        self.hooked: dict[int, Hooked] = {}  # by interface index
+        self.carried: dict[str, Counts] = {}  # counts of rules' programs since replaced
+        self.refused: dict[tuple[int, str, ebpf.KernelRule], str] = {}  # not retried until changed
+        self.lock = threading.Lock()
+        self._missing: str | None = None
 
     @property
     def missing(self) -> str:
-        return "" if self.binary else "nftables (the nft command) is not installed"
+        """Why the kernel cannot relay at all ("" if it can): checked once."""
+        if self._missing is None:
+            self._missing = self._probe()
+        return self._missing
 
-    async def run(self, *args: str, script: str | None = None) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            self.binary,
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+    @staticmethod
+    def _probe() -> str:
+        fds: list[int] = []
         try:
-            out, err = await proc.communicate(script.encode() if script is not None else None)
-        except BaseException:  # cancelled (mcrd stopping): nft finishes its transaction alone
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            raise
-        if proc.returncode != 0:
-            raise OSError(f"nft {' '.join(args)}: {err.decode(errors='replace').strip()}")
-        return out.decode()
+            fds.append(ebpf.create_table(1))
+            fds.append(ebpf.create_program_array(1))
+            fds.append(ebpf.load_program(ebpf.dispatch_program(fds[0], fds[1]), "mcrd_probe"))
+        except OSError as exc:
+            return f"eBPF is not available: {exc.strerror or exc}"
+        finally:
+            _close(*fds)
+        return ""
 
-    async def apply(self, script: str) -> None:
-        await self.run("-f", "-", script=script)
+    def clear_leftovers(self) -> int:
+        """Delete filters named `mcrd:` (a crashed mcrd's) from every
+        interface, and a clsact qdisc left with nothing else in it."""
+        from pyroute2 import IPRoute
 
-    async def counters(self) -> dict[str, tuple[int, int]]:
-        """Our table's counters; empty when there is no table."""
+        removed = 0
+        with self.lock, IPRoute() as ipr:
+            for link in ipr.get_links():
+                index = link["index"]
+                parent = _ingress_parent(ipr, index)
+                if parent is None or not any(_is_ours(f) for f in _filters(ipr, index, parent)):
+                    continue
+                with contextlib.suppress(Exception):  # one filter of ours: priority and handle are fixed
+                    _delete_filter(ipr, index, parent)
+                    removed += 1
+                if parent == INGRESS_CLSACT and not _any_filters(ipr, index):
+                    with contextlib.suppress(Exception):
+                        ipr.tc("del", "clsact", index)
+        return removed
+
+    def apply(self, programs: dict[int, Attachment]) -> dict[str, str]:
+        """Make the kernel hold `programs`: on each input interface, add the
+        rules that are new, replace those that changed, remove the others;
+        unchanged rules are not touched. Returns the rules the kernel
+        refused (by key), and why; the others are in the kernel."""
+        from pyroute2 import IPRoute
+
+        refused: dict[str, str] = {}
+        with self.lock, IPRoute() as ipr:
+            keep = {key for att in programs.values() for key, _rule in att.rules}
+            for index in sorted(set(self.hooked) - set(programs)):
+                self._unhook(ipr, index, keep)
+            for index, att in sorted(programs.items()):
+                hooked = self.hooked.get(index)
+                if hooked is None:
+                    try:
+                        hooked = self.hooked[index] = self._hook(ipr, att)
+                    except OSError as exc:
+                        reason = f"the kernel refused the program of {att.name}: {exc.strerror or exc}"
+                        log.error("offload: %s", reason)
+                        refused |= dict.fromkeys((key for key, _rule in att.rules), reason)
+                        continue
+                wanted = dict(att.rules)
+                for key in sorted(set(hooked.rules) - set(wanted)):
+                    self._drop(hooked, key, keep)
+                for key, rule in att.rules:
+                    current = hooked.rules.get(key)
+                    if current is not None and current.rule == rule:
+                        continue
+                    mark = (index, key, rule)
+                    if mark not in self.refused:
+                        try:
+                            self._put(hooked, key, rule)
+                            continue
+                        except OSError as exc:
+                            self.refused[mark] = f"the kernel refused its program: {exc.strerror or exc}"
+                            log.error("offload of %s: %s", key, self.refused[mark])
+                    refused[key] = self.refused[mark]
+                    if current is not None:
+                        self._drop(hooked, key, keep)
+                if not hooked.rules:
+                    self._unhook(ipr, index, keep)
+            self.refused = {m: r for m, r in self.refused.items() if (m[1], m[2]) in _rules(programs)}
+            self.carried = {k: v for k, v in self.carried.items() if k in keep}
+        return refused
+
+    def _hook(self, ipr: Any, att: Attachment) -> Hooked:
+        fds: list[int] = []
+        created = False
         try:
-            text = await self.run("-j", "list", "counters", "table", "netdev", TABLE)
+            fds.append(ebpf.create_table(CAPACITY))
+            fds.append(ebpf.create_program_array(CAPACITY))
+            fds.append(ebpf.load_program(ebpf.dispatch_program(fds[0], fds[1]), f"mcrd_{att.index}"))
+            parent = _ingress_parent(ipr, att.index)
+            if parent is None:
+                ipr.tc("add", "clsact", att.index)
+                created, parent = True, INGRESS_CLSACT
+            ipr.tc(  # `add`: never over a filter that is not ours
+                "add-filter",
+                "bpf",
+                att.index,
+                handle=HANDLE,
+                fd=fds[2],
+                name=f"{FILTER_PREFIX}{att.name}",
+                parent=parent,
+                classid=1,
+                direct_action=True,
+                prio=PRIO,
+                protocol=ETH_P_IP,
+            )
+        except Exception as exc:
+            _close(*fds)
+            if created:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del", "clsact", att.index)
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(getattr(exc, "code", None) or 22, str(exc)) from None
+        table, programs, dispatch = fds
+        return Hooked(att.index, att.name, parent, created, dispatch, table, programs)
+
+    def _put(self, hooked: Hooked, key: str, rule: ebpf.KernelRule) -> None:
+        """Load a rule's program and put it in place: a new rule gets a free
+        index and then its table entry; a changed one takes over its old
+        index in one atomic update."""
+        current = hooked.rules.get(key)
+        used = {r.index for r in hooked.rules.values()}
+        index = current.index if current else next((i for i in range(CAPACITY) if i not in used), None)
+        if index is None:
+            raise OSError(28, f"{hooked.name} has {CAPACITY} rules in the kernel already")
+        counters = ebpf.create_counters(1, ebpf.slot_size(rule))
+        try:
+            program = ebpf.load_program(ebpf.rule_program(rule, counters), f"mcrd_{hooked.index}_{index}")
         except OSError:
-            return {}
-        return parse_counters(text)
+            _close(counters)
+            raise
+        try:
+            ebpf.update(hooked.programs_fd, index.to_bytes(4, "little"), program.to_bytes(4, "little"))
+            if current is None:
+                value = index.to_bytes(4, "little")
+                ebpf.update(hooked.table_fd, ebpf.table_key(rule.group, rule.port, rule.source), value)
+        except OSError:
+            _close(program, counters)
+            raise
+        if current is not None:
+            self._carry(key, current)
+            current.close()
+        hooked.rules[key] = RuleLoaded(rule, index, program, counters)
 
-    async def remove(self) -> None:
-        await self.apply(REMOVE)
+    def _drop(self, hooked: Hooked, key: str, keep: set[str]) -> None:
+        loaded = hooked.rules.pop(key)
+        rule = loaded.rule
+        with contextlib.suppress(OSError):  # the table entry first: no lookup finds the index any more
+            ebpf.delete(hooked.table_fd, ebpf.table_key(rule.group, rule.port, rule.source))
+        with contextlib.suppress(OSError):
+            ebpf.delete(hooked.programs_fd, loaded.index.to_bytes(4, "little"))
+        if key in keep:
+            self._carry(key, loaded)
+        loaded.close()
+
+    def _unhook(self, ipr: Any, index: int, keep: set[str]) -> None:
+        hooked = self.hooked.pop(index)
+        with contextlib.suppress(Exception):  # gone with its interface, or deleted by hand
+            _delete_filter(ipr, index, hooked.parent)
+        if hooked.created_qdisc:
+            with contextlib.suppress(Exception):
+                if not _any_filters(ipr, index):
+                    ipr.tc("del", "clsact", index)
+        for key, loaded in hooked.rules.items():
+            if key in keep:
+                self._carry(key, loaded)
+        hooked.close()
+
+    def _carry(self, key: str, loaded: RuleLoaded) -> None:
+        with contextlib.suppress(OSError):
+            self.carried[key] = _add(self.carried.get(key, []), loaded.read())
+
+    def counters(self) -> dict[str, Counts]:
+        """What each offloaded rule relayed, by rule key: its own count,
+        then each output's; carried over replacements of its program."""
+        with self.lock:
+            found: dict[str, Counts] = {}
+            for hooked in self.hooked.values():
+                for key, loaded in hooked.rules.items():
+                    with contextlib.suppress(OSError):
+                        found[key] = _add(self.carried.get(key, []), loaded.read())
+            return found
+
+    def remove(self) -> None:
+        """Detach everything mcrd attached."""
+        from pyroute2 import IPRoute
+
+        with self.lock:
+            if self.hooked:
+                with IPRoute() as ipr:
+                    for index in sorted(self.hooked):
+                        self._unhook(ipr, index, set())
+            self.carried.clear()
+            self.refused.clear()
 
 
-def parse_counters(text: str) -> dict[str, tuple[int, int]]:
-    found: dict[str, tuple[int, int]] = {}
-    try:
-        items = json.loads(text).get("nftables", [])
-    except (ValueError, AttributeError):
-        return found
-    for item in items:
-        c: Any = item.get("counter") if isinstance(item, dict) else None
-        if isinstance(c, dict) and c.get("table") == TABLE and isinstance(c.get("name"), str):
-            packets, octets = c.get("packets", 0), c.get("bytes", 0)
-            if isinstance(packets, int) and isinstance(octets, int):
-                found[c["name"]] = (packets, octets)
-    return found
+def _rules(programs: dict[int, Attachment]) -> set[tuple[str, ebpf.KernelRule]]:
+    return {(key, rule) for att in programs.values() for key, rule in att.rules}
+
+
+def _add(a: Counts, b: Counts) -> Counts:
+    n = len(b)
+    a = (a + [(0, 0)] * n)[:n]
+    return [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip(a, b, strict=True)]
+
+
+def _ingress_parent(ipr: Any, index: int) -> int | None:
+    """Where a filter goes on this interface's ingress: its clsact qdisc,
+    or an `ingress` qdisc; None if it has neither."""
+    for q in ipr.get_qdiscs(index=index):
+        kind = q.get_attr("TCA_KIND")
+        if kind == "clsact":
+            return INGRESS_CLSACT
+        if kind == "ingress":
+            return INGRESS_QDISC
+    return None
+
+
+def _filters(ipr: Any, index: int, parent: int) -> list[Any]:
+    return [f for f in ipr.get_filters(index=index, parent=parent) if f["handle"]]
+
+
+def _any_filters(ipr: Any, index: int) -> bool:
+    return bool(_filters(ipr, index, INGRESS_CLSACT) or _filters(ipr, index, EGRESS_CLSACT))
+
+
+def _is_ours(f: Any) -> bool:
+    if f.get_attr("TCA_KIND") != "bpf" or f["info"] >> 16 != PRIO or f["handle"] != HANDLE:
+        return False
+    name = f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME") or ""
+    return isinstance(name, str) and name.startswith(FILTER_PREFIX)
+
+
+def _delete_filter(ipr: Any, index: int, parent: int) -> None:
+    ipr.tc("del-filter", "bpf", index, handle=HANDLE, parent=parent, prio=PRIO, protocol=ETH_P_IP)

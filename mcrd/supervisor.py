@@ -29,16 +29,14 @@ from typing import Any
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
 from mcrd.offload import (
-    HEADERS,
+    Attachment,
     Egress,
-    Nft,
     OffloadMode,
     Plan,
     Port,
+    Tc,
     gather,
-    output_counter,
     plan,
-    rule_counter,
 )
 from mcrd.packet import DROP_REASONS, FilterEntry, ip_to_int
 from mcrd.rulebook import rule_id
@@ -341,7 +339,7 @@ class Supervisor:
         lanes: int = 1,
         ring: netio.RingSpec | None = None,
         offload: OffloadMode = "off",
-        nft: Nft | None = None,
+        tc: Tc | None = None,
     ) -> None:
         self.rules = rules
         self.identity = identity  # (uid, gid) the workers run as
@@ -349,11 +347,10 @@ class Supervisor:
         self.lanes = lanes  # workers per input interface
         self.ring = ring or netio.RingSpec()
         self.offload_default = offload
-        self.nft = nft or Nft()
+        self.tc = tc or Tc()
         self.offloaded = Plan()  # what the kernel relays now
-        self.offload_shape: str | None = None  # the table as last installed; None: none
-        self.installed: Plan | None = None  # the plan the kernel holds
-        self.offload_samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self.offload_shape: tuple[Attachment, ...] = ()  # the programs as last attached
+        self.offload_samples: list[tuple[float, dict[str, list[tuple[int, int]]]]] = []
         self.offload_checked = 0.0
         self.started = False  # nothing is touched before start(): the control socket is ours then
         self.ports: dict[str, InputPort] = {}
@@ -433,24 +430,28 @@ class Supervisor:
         return spec.offload or self.offload_default
 
     async def _clear_leftovers(self) -> None:
-        """Remove the table a crashed mcrd left behind (in this network
+        """Remove the programs a crashed mcrd left attached (in this network
         namespace): once, at start, before mcrd changes anything."""
-        if not self.nft.missing:
-            try:
-                await self.nft.remove()
-            except OSError as exc:
-                log.warning("could not check for a leftover offload table: %s", exc)
+        if self.tc.missing:
+            return
+        try:
+            removed = await asyncio.to_thread(self.tc.clear_leftovers)
+        except Exception as exc:
+            log.warning("could not check for leftover offload programs: %s", exc)
+            return
+        if removed:
+            log.info("offload: removed %d program(s) a previous mcrd left attached", removed)
 
     async def _sync_offload(self) -> None:
-        """Converge the kernel's table on the rules it can relay; replace it
-        only when what it should hold changed."""
+        """Converge the kernel's programs on the rules it can relay; touch an
+        input interface's program only when what it should hold changed."""
         modes: dict[str, OffloadMode] = {str(s.key): self.offload_mode(s) for s in self.rules}
         wanted = [s for s in self.rules if modes[str(s.key)] != "off"]
         self.offload_checked = time.monotonic()
-        if not wanted and self.offload_shape is None:
+        if not wanted and not self.offload_shape:
             self.offloaded = plan(self.rules, modes, {}, {})
             return
-        unavailable = self.nft.missing
+        unavailable = self.tc.missing
         ports: dict[str, Port] = {}
         egress: dict[Destination, Egress] = {}
         if not unavailable:
@@ -460,30 +461,32 @@ class Supervisor:
                 log.error("offload: could not look up interfaces, routes and neighbours: %s", exc)
                 unavailable = f"netlink lookup failed: {exc}"
         new = plan(self.rules, modes, ports, egress, unavailable)
-        shape = new.shape() if new.chains else None
+        shape = new.shape()
         if shape == self.offload_shape:
             self.offloaded = new
             return
         try:
-            await self.nft.apply(new.transaction(self.installed))
-        except OSError as exc:
+            refused = await asyncio.to_thread(self.tc.apply, new.programs)
+        except Exception as exc:  # netlink itself failed: take everything back to user space
             log.error("offload: could not program the kernel (%s); relaying in user space", exc)
-            with contextlib.suppress(OSError):
-                await self.nft.remove()
-            self.offload_shape, self.installed = None, None
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.tc.remove)
+            self.offload_shape = ()
             self.offload_samples.clear()
             self.offloaded = plan(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
             return
+        if refused:  # those inputs' rules stay in user space, saying why
+            new = plan(self.rules, modes, ports, egress, unavailable, refused)
+            shape = new.shape()
         kernel = sum(1 for d in new.decisions.values() if d.kernel)
         log.info("offload: the kernel relays %d rule(s)", kernel)
         self.offload_shape, self.offloaded = shape, new
-        self.installed = new if new.chains else None
 
     async def _sample_offload(self) -> None:
-        if self.offload_shape is None:
+        if not self.offload_shape:
             self.offload_samples.clear()
             return
-        counters = await self.nft.counters()
+        counters = await asyncio.to_thread(self.tc.counters)
         self.offload_samples = [*self.offload_samples[-1:], (time.monotonic(), counters)]
 
     def kernel_counters(self, spec: RuleSpec) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
@@ -491,28 +494,22 @@ class Supervisor:
         decision = self.offloaded.decisions.get(str(spec.key))
         if decision is None or not decision.kernel or not self.offload_samples:
             return None
-        counters = self.offload_samples[-1][1]
-
-        def payload(name: str) -> tuple[int, int]:
-            packets, octets = counters.get(name, (0, 0))
-            return packets, max(0, octets - HEADERS * packets)
-
-        outs = [payload(output_counter(spec, n)) for n in range(len(spec.outputs))]
-        return payload(rule_counter(spec)), outs
+        counts = self.offload_samples[-1][1].get(str(spec.key), [])
+        counts = (counts + [(0, 0)] * (1 + len(spec.outputs)))[: 1 + len(spec.outputs)]
+        return counts[0], counts[1:]
 
     def kernel_rates(self, spec: RuleSpec) -> tuple[tuple[float, float], list[tuple[float, float]]] | None:
-        if len(self.offload_samples) < 2 or str(spec.key) not in self.offloaded.decisions:
+        key = str(spec.key)
+        if len(self.offload_samples) < 2 or key not in self.offloaded.decisions:
             return None
         (t0, c0), (t1, c1) = self.offload_samples
         dt = max(t1 - t0, 1e-6)
-
-        def rate(name: str) -> tuple[float, float]:
-            p0, b0 = c0.get(name, (0, 0))
-            p1, b1 = c1.get(name, (0, 0))
-            packets = max(0, p1 - p0)
-            return packets / dt, max(0, (b1 - b0) - HEADERS * packets) * 8 / dt
-
-        return rate(rule_counter(spec)), [rate(output_counter(spec, n)) for n in range(len(spec.outputs))]
+        n = 1 + len(spec.outputs)
+        before = (c0.get(key, []) + [(0, 0)] * n)[:n]
+        now = (c1.get(key, []) + [(0, 0)] * n)[:n]
+        pairs = zip(before, now, strict=True)
+        rates = [(max(0, p1 - p0) / dt, max(0, b1 - b0) * 8 / dt) for (p0, b0), (p1, b1) in pairs]
+        return rates[0], rates[1:]
 
     async def _converge_port(self, port: InputPort) -> None:
         name = port.interface
@@ -1021,9 +1018,9 @@ class Supervisor:
                 if out.sock is not None:
                     out.sock.close()
             self.outputs.clear()
-            if self.offload_shape is not None:
+            if self.offload_shape:
                 try:
-                    await self.nft.remove()
-                except OSError as exc:
-                    log.error("offload: could not remove the kernel's table: %s", exc)
-                self.offload_shape, self.installed = None, None
+                    await asyncio.to_thread(self.tc.remove)
+                except Exception as exc:
+                    log.error("offload: could not remove the kernel's programs: %s", exc)
+                self.offload_shape = ()

@@ -1,17 +1,17 @@
-"""End to end: kernel offload's life cycle with a real mcrd, nft and packets.
+"""End to end: kernel offload's life cycle with a real mcrd, tc and packets.
 
-What the kernel holds follows the rules and the interfaces: installed at
+What the kernel holds follows the rules and the interfaces: attached at
 start (over a crash's leftover), replaced atomically on reload with the
 counters carried, moved back to user space and again to the kernel as
-interfaces and next hops come and go, removed at exit; tables mcrd did not
-create are never touched. (The relay suite itself runs offloaded too, in
-test_relay_e2e.py.)
+interfaces and next hops come and go, removed at exit with the qdisc mcrd
+created; filters and qdiscs mcrd did not create are never touched. (The
+relay suite itself runs offloaded too, in test_relay_e2e.py; the program's
+rewriting is checked packet by packet in test_ebpf.py.)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,11 +24,7 @@ from mcrd.lab import Receiver, Sender, collecting
 
 from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
-pytestmark = [
-    needs_root,
-    pytest.mark.netns,
-    pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed"),
-]
+pytestmark = [needs_root, pytest.mark.netns]
 
 AUTO = '[daemon]\noffload = "auto"\n'
 
@@ -45,15 +41,47 @@ outputs = [ { interface = "out1", group = "239.3.3.3", port = %d } ]
 """
 
 
-def nft(ns: str, *args: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=True
-    ).stdout
+def tc_json(ns: str, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(["tc", "-n", ns, "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out) if out.strip() else []
 
 
-def tables(ns: str) -> set[str]:
-    found = json.loads(nft(ns, "-j", "list", "tables"))["nftables"]
-    return {f"{t['table']['family']} {t['table']['name']}" for t in found if "table" in t}
+def filters(ns: str, dev: str) -> dict[str, tuple[int, int]]:
+    """The ingress bpf filters of `dev`: name -> (priority, program id)."""
+    return {
+        f["options"]["bpf_name"]: (f["pref"], f["options"]["prog"]["id"])
+        for f in tc_json(ns, "filter", "show", "dev", dev, "ingress")
+        if "options" in f
+    }
+
+
+def has_clsact(ns: str, dev: str) -> bool:
+    return any(q["kind"] == "clsact" for q in tc_json(ns, "qdisc", "show", "dev", dev))
+
+
+def ours(ns: str) -> list[str]:
+    """mcrd's filters on any interface of `ns`."""
+    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True, text=True, check=True)
+    devs = [link["ifname"] for link in json.loads(out.stdout)]
+    return [name for dev in devs for name in filters(ns, dev) if name.startswith("mcrd:")]
+
+
+def attach(ns: str, dev: str, name: str, prio: int) -> None:
+    """Attach a program that lets everything through, as another tool (or a
+    crashed mcrd) would, from a process that is gone when this returns."""
+    code = f"""
+from pyroute2 import IPRoute
+from mcrd import ebpf
+a = ebpf.Asm(); a.mov(0, -1); a.exit()
+fd = ebpf.load_program(a.assemble(), "other")
+with IPRoute() as ipr:
+    index = ipr.link_lookup(ifname="{dev}")[0]
+    if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index)):
+        ipr.tc("add", "clsact", index)
+    ipr.tc("add-filter", "bpf", index, handle=1, fd=fd, name="{name}", parent=0xFFFFFFF2,
+           classid=1, direct_action=True, prio={prio}, protocol=0x0800)
+"""
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True)
 
 
 def paths(daemon: Daemon) -> dict[str, tuple[str, str]]:
@@ -63,44 +91,55 @@ def paths(daemon: Daemon) -> dict[str, tuple[str, str]]:
 def test_installed_over_a_leftover_removed_at_exit_others_untouched(
     net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    leftover = 'table netdev mcrd {\n  chain stale { type filter hook ingress device "in0" priority 0; }\n}\n'
-    run_nft = ["ip", "netns", "exec", net.relay, "nft", "-f", "-"]
-    subprocess.run(run_nft, input=leftover, text=True, check=True)
-    nft(net.relay, "add", "table", "netdev", "theirs")
-    nft(net.relay, "add", "table", "inet", "filter")
+    attach(net.relay, "in0", "mcrd:in0", 1)  # what a crashed mcrd leaves
+    attach(net.relay, "in0", "theirs", 2)
+    attach(net.relay, "out1", "also-theirs", 1)
+    leftover = filters(net.relay, "in0")["mcrd:in0"]
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
     assert paths(daemon) == {"a": ("kernel", ""), "b": ("kernel", "")}
-    listing = nft(net.relay, "list", "table", "netdev", "mcrd")
-    assert "stale" not in listing and "fwd to" in listing
-    assert {"netdev theirs", "inet filter", "netdev mcrd"} <= tables(net.relay)
+    found = filters(net.relay, "in0")
+    assert set(found) == {"mcrd:in0", "theirs"} and found["mcrd:in0"][0] == 1
+    assert found["mcrd:in0"] != leftover  # the leftover was replaced by mcrd's own
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=100)
     assert rx.wait_for(lambda a: len(rx.seqs(1)) == 100) and rx.seqs(1) == list(range(100))
-    assert daemon.rule_stats("a")["outputs"][0]["packets"] == 100
+    wait_until(lambda: daemon.rule_stats("a")["outputs"][0]["packets"] == 100, what="the kernel's counters")
+    assert daemon.rule_stats("a")["packets"] == 100 and daemon.rule_stats("a")["bytes"] > 0
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(10) == 0
-    assert tables(net.relay) == {"netdev theirs", "inet filter"}
+    assert set(filters(net.relay, "in0")) == {"theirs"} and has_clsact(net.relay, "in0")
+    assert set(filters(net.relay, "out1")) == {"also-theirs"}
 
 
-def test_a_reload_replaces_the_table_without_a_gap_and_counters_carry_over(
+def test_a_reload_replaces_the_program_without_a_gap_and_counters_carry_over(
     net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
+    assert not has_clsact(net.relay, "in0")
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001, "--no-watch")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     tx = Sender(net.src, "eth0")
+    programs = [filters(net.relay, "in0")["mcrd:in0"][1]]
     with collecting(rx):
         with tx.streaming("239.1.1.1", 5000, stream=2, rate=2000) as sent:
             for n in range(10):  # rule b changes ten times while a streams
                 daemon.config.write_text(AUTO + TWO % (6002 + n))
                 result = json.loads(mcrctl(daemon.socket, "--json", "reload").stdout)
                 assert result["result"] == "applied" and result["changed"] == ["b"], result
-                assert f"udp dport set {6002 + n}" in nft(net.relay, "list", "table", "netdev", "mcrd")
+                programs.append(filters(net.relay, "in0")["mcrd:in0"][1])
         total = sent[0]
         wait_until(lambda: len(rx.seqs(2)) >= total, what="the whole stream")
+    assert len(set(programs)) == 1, "in0's dispatcher should stay; only rule b's program changes"
     assert rx.seqs(2) == list(range(total)), "rule a lost, duplicated or reordered datagrams"
     wait_until(lambda: daemon.rule_stats("a")["packets"] == total, what="kernel counters across reloads")
     assert daemon.rule_stats("a")["outputs"][0]["packets"] == total
+    rx2 = Receiver(net.dst2, "239.3.3.3", 6011, "eth0")  # b as the last reload left it
+    tx.stream("239.1.1.2", 5000, stream=7, count=20)
+    assert rx2.wait_for(lambda a: len(rx2.seqs(7)) == 20)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(10) == 0
+    assert not has_clsact(net.relay, "in0"), "the qdisc mcrd added should go with it"
 
 
 def test_interfaces_going_and_coming_back_move_a_rule_between_paths(
@@ -122,7 +161,7 @@ def test_interfaces_going_and_coming_back_move_a_rule_between_paths(
     # the input itself goes: both rules pending, nothing left hooked to it
     net.lab.ip(net.src, "link", "del", "eth0")
     wait_until(lambda: all(p == "user" for p, _ in paths(daemon).values()), what="rules out of the kernel")
-    assert "in0" not in nft(net.relay, "list", "ruleset")
+    assert ours(net.relay) == []
 
 
 def test_a_unicast_output_moves_to_the_kernel_once_its_next_hop_resolves(
@@ -145,10 +184,6 @@ outputs = [ { interface = "out0", group = "198.51.100.2", port = 7000 } ]
     tx.stream("239.1.1.1", 5000, stream=5, count=50)  # relayed from user space, which resolves it
     assert rx.wait_for(lambda a: len(rx.seqs(5)) == 50)
     wait_until(lambda: paths(daemon)["u"] == ("kernel", ""), what="the rule to move to the kernel")
-    show = ["ip", "-n", net.dst1, "-j", "link", "show", "eth0"]
-    link = subprocess.run(show, capture_output=True, text=True, check=True)
-    mac = json.loads(link.stdout)[0]["address"]
-    assert f"ether daddr set {mac}" in nft(net.relay, "list", "table", "netdev", "mcrd")
     tx.stream("239.1.1.1", 5000, stream=6, count=50)
     assert rx.wait_for(lambda a: len(rx.seqs(6)) == 50) and rx.seqs(6) == list(range(50))
     assert all(a.ttl == 64 and a.source == "198.51.100.1" for a in rx.arrivals)
@@ -171,11 +206,11 @@ rate_limit = { pps = 100 }
     assert lines["slow"].rstrip().endswith("user (rate limits are policed in user space)")
 
 
-def test_a_second_mcrd_refused_on_the_socket_leaves_the_table_alone(
+def test_a_second_mcrd_refused_on_the_socket_leaves_the_programs_alone(
     net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
-    before = nft(net.relay, "list", "table", "netdev", "mcrd")
+    before = filters(net.relay, "in0")
     argv = ["ip", "netns", "exec", net.relay, sys.executable, "-m", "mcrd.daemon"]
     second = subprocess.run(
         [*argv, "--config", str(daemon.config), "--control-socket", str(daemon.socket)],
@@ -185,5 +220,5 @@ def test_a_second_mcrd_refused_on_the_socket_leaves_the_table_alone(
         check=False,
     )
     assert second.returncode == 1 and "another mcrd is already listening" in second.stderr
-    assert nft(net.relay, "list", "table", "netdev", "mcrd") == before  # nothing was touched
+    assert filters(net.relay, "in0") == before  # nothing was touched
     assert paths(daemon)["a"] == ("kernel", "")
