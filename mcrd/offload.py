@@ -399,7 +399,8 @@ class Tc:
                         self._drop(hooked, key, keep)
                 if not hooked.rules:
                     self._unhook(ipr, index, keep)
-            self.refused = {m: r for m, r in self.refused.items() if (m[1], m[2]) in _rules(programs)}
+            offloaded = _rules(programs)
+            self.refused = {m: r for m, r in self.refused.items() if (m[1], m[2]) in offloaded}
             self.carried = {k: v for k, v in self.carried.items() if k in keep}
         return refused
 

@@ -112,6 +112,30 @@ def test_installed_over_a_leftover_removed_at_exit_others_untouched(
     assert set(filters(net.relay, "out1")) == {"also-theirs"}
 
 
+def test_after_a_crash_the_leftover_is_inert_and_the_next_mcrd_clears_it(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    crashed = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
+    before = filters(net.relay, "in0")["mcrd:in0"]
+    assert crashed.proc is not None
+    crashed.proc.kill()  # SIGKILL: nothing is cleaned up
+    crashed.proc.wait(10)
+    assert filters(net.relay, "in0")["mcrd:in0"] == before, "the crash should have left the filter"
+    # Its rules' programs went with the process (a program array empties when
+    # its last holder goes): the leftover passes everything on to the stack.
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=8, count=20)
+    daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
+    assert filters(net.relay, "in0")["mcrd:in0"] != before
+    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=9, count=50)
+    assert rx.wait_for(lambda a: len(rx.seqs(9)) == 50) and rx.seqs(9) == list(range(50))
+    assert rx.seqs(8) == [], "nothing should have relayed between the crash and the restart"
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(10) == 0
+    assert ours(net.relay) == [] and not has_clsact(net.relay, "in0")
+
+
 def test_a_reload_replaces_the_program_without_a_gap_and_counters_carry_over(
     net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
