@@ -431,9 +431,8 @@ class Supervisor:
 
     async def _clear_leftovers(self) -> None:
         """Remove the programs a crashed mcrd left attached (in this network
-        namespace): once, at start, before mcrd changes anything."""
-        if self.tc.missing:
-            return
+        namespace): once, at start, before mcrd changes anything. Only
+        netlink is needed, so this works even where eBPF no longer does."""
         try:
             removed = await asyncio.to_thread(self.tc.clear_leftovers)
         except Exception as exc:
