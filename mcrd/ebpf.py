@@ -255,6 +255,17 @@ def table_key(group: str, port: int, source: str | None) -> bytes:
 TABLE_KEY_SIZE = 12
 
 
+def _headers(a: Asm, ctx: int, short: str) -> None:
+    """r2 = the frame's start, after checking that its Ethernet, IPv4 and
+    UDP headers are there (else jump to `short`); r3, r4 clobbered. Again
+    after every helper call, which invalidates packet pointers."""
+    a.load(W, 2, ctx, SKB_DATA)
+    a.load(W, 3, ctx, SKB_DATA_END)
+    a.mov_reg(4, 2)
+    a.alu(ADD, 4, HEADERS_END)
+    a.jump_reg(JGT, 4, 3, short)
+
+
 def dispatch_program(table_fd: int, programs_fd: int) -> list[Insn]:
     """The program attached to an input interface. For a datagram mcrd could
     relay (IPv4 without options, not a fragment, UDP, lengths consistent)
@@ -268,11 +279,7 @@ def dispatch_program(table_fd: int, programs_fd: int) -> list[Insn]:
     a.mov_reg(ctx, 1)
     a.load(W, 2, ctx, SKB_VLAN_PRESENT)
     a.jump(JMP, JNE, 2, 0, "pass")
-    a.load(W, 2, ctx, SKB_DATA)
-    a.load(W, 3, ctx, SKB_DATA_END)
-    a.mov_reg(4, 2)
-    a.alu(ADD, 4, HEADERS_END)
-    a.jump_reg(JGT, 4, 3, "pass")
+    _headers(a, ctx, "pass")
     a.load(H, 4, 2, ETH_TYPE)
     a.jump(JMP, JNE, 4, _raw16(0x0800), "pass")
     a.load(B, 4, 2, IP_VIHL)
@@ -325,33 +332,22 @@ def rule_program(rule: KernelRule, counters_fd: int) -> list[Insn]:
     a = Asm()
     ctx, saddr, ttlword, slot = 6, 7, 8, 9  # kept across helper calls
     a.mov_reg(ctx, 1)
-    a.load(W, 2, ctx, SKB_DATA)
-    a.load(W, 3, ctx, SKB_DATA_END)
-    a.mov_reg(4, 2)
-    a.alu(ADD, 4, HEADERS_END)
-    a.jump_reg(JGT, 4, 3, "r0pass")
+    _headers(a, ctx, "pass")
     a.load(H, 5, 2, IP_LEN)
     a.emit(ALU | END | TO_BE, 5, imm=16)
-    a.jump(JMP, JGT, 5, rule.mtu, "r0pass")
+    a.jump(JMP, JGT, 5, rule.mtu, "pass")
     a.load(W, saddr, 2, IP_SRC)
     a.load(H, ttlword, 2, IP_TTL)
-    _rule_body(a, 0, rule, counters_fd, ctx, saddr, ttlword, slot)
-    return a.assemble()
-
-
-def _rule_body(
-    a: Asm, n: int, rule: KernelRule, map_fd: int, ctx: int, saddr: int, ttlword: int, slot: int
-) -> None:
     # payload bytes, kept on the stack across the helper calls
     a.alu(SUB, 5, UDP_HEADERS)
     a.store(DW, 10, -16, 5)
     # the rule's counters: one lookup, the value pointer stays valid
-    a.store_imm(W, 10, -4, n)
-    a.ld_map(1, map_fd)
+    a.store_imm(W, 10, -4, 0)
+    a.ld_map(1, counters_fd)
     a.mov_reg(2, 10)
     a.alu(ADD, 2, -4)
     a.call(MAP_LOOKUP_ELEM)
-    a.jump(JMP, JEQ, 0, 0, f"r{n}pass")  # cannot happen: slot n exists
+    a.jump(JMP, JEQ, 0, 0, "pass")  # cannot happen: slot 0 exists
     a.mov_reg(slot, 0)
     _count(a, slot, 0)
     # what the header holds now, known except for the first output's source and TTL
@@ -359,11 +355,7 @@ def _rule_body(
     prev_dst, prev_port, prev_ttl = _raw32(rule.group), _raw16(rule.port), 0
     last = len(rule.outputs) - 1
     for i, out in enumerate(rule.outputs):
-        a.load(W, 2, ctx, SKB_DATA)
-        a.load(W, 3, ctx, SKB_DATA_END)
-        a.mov_reg(4, 2)
-        a.alu(ADD, 4, HEADERS_END)
-        a.jump_reg(JGT, 4, 3, f"r{n}shot")
+        _headers(a, ctx, "shot")
         dst_mac, src_mac = _mac(out.dst_mac), _mac(out.src_mac)
         a.store_imm(W, 2, 0, int.from_bytes(dst_mac[:4], "little"))
         a.store_imm(H, 2, 4, int.from_bytes(dst_mac[4:], "little"))
@@ -404,16 +396,17 @@ def _rule_body(
             a.mov(2, out.ifindex)
             a.mov(3, 0)
             a.call(CLONE_REDIRECT)
-            a.jump(JMP, JNE, 0, 0, f"r{n}o{i}failed")
+            a.jump(JMP, JNE, 0, 0, f"output{i}failed")
             _count(a, slot, 16 * (1 + i))
-            a.label(f"r{n}o{i}failed")
-    # exits of its own: no jump goes backwards
-    a.label(f"r{n}pass")
+            a.label(f"output{i}failed")
+    # the exits, last: no jump goes backwards
+    a.label("pass")
     a.mov(0, TC_ACT_UNSPEC)
     a.exit()
-    a.label(f"r{n}shot")
+    a.label("shot")
     a.mov(0, TC_ACT_SHOT)
     a.exit()
+    return a.assemble()
 
 
 def _count(a: Asm, slot: int, off: int) -> None:
