@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
 import platform
@@ -66,6 +67,8 @@ F_MARK_MANGLED_0 = 0x20
 
 # struct __sk_buff
 SKB_LEN = 0
+SKB_PKT_TYPE = 4
+PACKET_MULTICAST = 2  # host, broadcast, multicast: the frames a host takes
 SKB_VLAN_PRESENT = 20
 SKB_DATA = 76
 SKB_DATA_END = 80
@@ -279,6 +282,8 @@ def dispatch_program(table_fd: int, programs_fd: int) -> list[Insn]:
     a.mov_reg(ctx, 1)
     a.load(W, 2, ctx, SKB_VLAN_PRESENT)
     a.jump(JMP, JNE, 2, 0, "pass")
+    a.load(W, 2, ctx, SKB_PKT_TYPE)
+    a.jump(JMP, JGT, 2, PACKET_MULTICAST, "pass")  # for another host: not ours, as in the worker
     _headers(a, ctx, "pass")
     a.load(H, 4, 2, ETH_TYPE)
     a.jump(JMP, JNE, 4, _raw16(0x0800), "pass")
@@ -512,6 +517,7 @@ def delete(fd: int, key: bytes) -> None:
     _bpf(BPF_MAP_DELETE_ELEM, _attr(("I", fd), ("Q", ctypes.addressof(k))))
 
 
+@functools.cache
 def possible_cpus() -> int:
     """How many per-CPU values a per-CPU map has: the kernel's possible CPUs."""
     with open("/sys/devices/system/cpu/possible") as f:

@@ -124,19 +124,33 @@ def plan(
     """Decide which rules the kernel relays and what each input interface's
     programs hold. `refused`: rules (by key) whose program the kernel
     would not take, and why."""
-    result = Plan()
-    found: dict[str, list[tuple[int, str, ebpf.KernelRule]]] = {}
+    specs = list(specs)
+    why: dict[str, str] = {}
     for spec in specs:
         key = str(spec.key)
         if mode_of.get(key, "off") == "off":
-            result.decisions[key] = Decision(False, "offload is off")
-            continue
-        why = unavailable or _why_not(spec, ports, egress) or (refused or {}).get(key, "")
-        if why:
-            result.decisions[key] = Decision(False, why)
+            why[key] = "offload is off"
+        else:
+            why[key] = unavailable or _why_not(spec, ports, egress) or (refused or {}).get(key, "")
+    # A source-specific rule in user space needs its datagrams to reach the
+    # worker: the kernel must not relay them by the catch-all of the same
+    # group and port, so that stays in user space too.
+    held = {
+        (s.input.interface, s.input.group, s.input.port): s.input.source
+        for s in specs
+        if s.input.source and why[str(s.key)]
+    }
+    result = Plan()
+    found: dict[str, list[tuple[int, str, ebpf.KernelRule]]] = {}
+    for spec in specs:
+        key, inp = str(spec.key), spec.input
+        source = held.get((inp.interface, inp.group, inp.port))
+        if not why[key] and not inp.source and source:
+            why[key] = f"the rule for source {source} of the same group and port is in user space"
+        if why[key]:
+            result.decisions[key] = Decision(False, why[key])
             continue
         result.decisions[key] = Decision(True)
-        inp = spec.input
         outputs, mtu = [], 65535
         for dest in spec.destinations():
             out = egress[dest]
@@ -146,7 +160,6 @@ def plan(
             outputs.append(ebpf.Output(via.index, via.mac, out.dst_mac, *rewrite))
             mtu = min(mtu, out.port.mtu)
         rule = ebpf.KernelRule(inp.group, inp.port, inp.source, mtu, tuple(outputs))
-        # source-specific rules before the catch-all of the same group and port
         found.setdefault(inp.interface, []).append((0 if inp.source else 1, key, rule))
     for name, rules in found.items():
         port = ports[name]
@@ -264,16 +277,15 @@ Counts = list[tuple[int, int]]  # (packets, payload bytes): the rule's, then eac
 
 @dataclass
 class RuleLoaded:
-    """A rule's program in the kernel, its counters, and its index in the
-    program array."""
+    """A rule in the kernel: its index in the program array (which holds
+    the program itself) and its counters."""
 
     rule: ebpf.KernelRule
     index: int
-    program_fd: int
     counters_fd: int
 
     def close(self) -> None:
-        _close(self.program_fd, self.counters_fd)
+        _close(self.counters_fd)
 
     def read(self) -> Counts:
         (words,) = ebpf.read_counters(self.counters_fd, 1, ebpf.slot_size(self.rule))
@@ -292,6 +304,16 @@ class Hooked:
     table_fd: int
     programs_fd: int
     rules: dict[str, RuleLoaded] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)  # indexes given back, reused first
+    next_index: int = 0
+
+    def take_index(self) -> int | None:
+        if self.free:
+            return self.free.pop()
+        if self.next_index >= CAPACITY:
+            return None
+        self.next_index += 1
+        return self.next_index - 1
 
     def close(self) -> None:
         for loaded in self.rules.values():
@@ -314,6 +336,8 @@ class Tc:
         self.hooked: dict[int, Hooked] = {}  # by interface index
         self.carried: dict[str, Counts] = {}  # counts of rules' programs since replaced
         self.refused: dict[tuple[int, str, ebpf.KernelRule], str] = {}  # not retried until changed
+        self.unhookable: dict[Attachment, str] = {}  # likewise, for a dispatcher
+        self.released: dict[str, Counts] = {}  # final counts of rules that left the kernel
         self.lock = threading.Lock()
         self._missing: str | None = None
 
@@ -366,22 +390,29 @@ class Tc:
 
         refused: dict[str, str] = {}
         with self.lock, IPRoute() as ipr:
-            keep = {key for att in programs.values() for key, _rule in att.rules}
             for index in sorted(set(self.hooked) - set(programs)):
-                self._unhook(ipr, index, keep)
+                self._unhook(ipr, index)
             for index, att in sorted(programs.items()):
                 hooked = self.hooked.get(index)
                 if hooked is None:
-                    try:
-                        hooked = self.hooked[index] = self._hook(ipr, att)
-                    except OSError as exc:
-                        reason = f"the kernel refused the program of {att.name}: {exc.strerror or exc}"
-                        log.error("offload: %s", reason)
-                        refused |= dict.fromkeys((key for key, _rule in att.rules), reason)
+                    known = {(key, rule): self.refused.get((index, key, rule)) for key, rule in att.rules}
+                    if all(known.values()):  # nothing it could hold: not attached just to go again
+                        refused |= {key: reason for (key, _rule), reason in known.items() if reason}
+                        continue
+                    if att not in self.unhookable:
+                        try:
+                            hooked = self.hooked[index] = self._hook(ipr, att)
+                        except OSError as exc:
+                            self.unhookable[att] = (
+                                f"the kernel refused the program of {att.name}: {exc.strerror}"
+                            )
+                            log.error("offload: %s", self.unhookable[att])
+                    if hooked is None:
+                        refused |= dict.fromkeys((key for key, _rule in att.rules), self.unhookable[att])
                         continue
                 wanted = dict(att.rules)
                 for key in sorted(set(hooked.rules) - set(wanted)):
-                    self._drop(hooked, key, keep)
+                    self._drop(hooked, key)
                 for key, rule in att.rules:
                     current = hooked.rules.get(key)
                     if current is not None and current.rule == rule:
@@ -396,12 +427,13 @@ class Tc:
                             log.error("offload of %s: %s", key, self.refused[mark])
                     refused[key] = self.refused[mark]
                     if current is not None:
-                        self._drop(hooked, key, keep)
+                        self._drop(hooked, key)
                 if not hooked.rules:
-                    self._unhook(ipr, index, keep)
+                    self._unhook(ipr, index)
             offloaded = _rules(programs)
             self.refused = {m: r for m, r in self.refused.items() if (m[1], m[2]) in offloaded}
-            self.carried = {k: v for k, v in self.carried.items() if k in keep}
+            self.unhookable = {a: r for a, r in self.unhookable.items() if programs.get(a.index) == a}
+            self._release({key for hooked in self.hooked.values() for key in hooked.rules})
         return refused
 
     def _hook(self, ipr: Any, att: Attachment) -> Hooked:
@@ -444,41 +476,45 @@ class Tc:
         index and then its table entry; a changed one takes over its old
         index in one atomic update."""
         current = hooked.rules.get(key)
-        used = {r.index for r in hooked.rules.values()}
-        index = current.index if current else next((i for i in range(CAPACITY) if i not in used), None)
+        index = current.index if current else hooked.take_index()
         if index is None:
             raise OSError(28, f"{hooked.name} has {CAPACITY} rules in the kernel already")
-        counters = ebpf.create_counters(1, ebpf.slot_size(rule))
+        slot = index.to_bytes(4, "little")
+        counters = program = -1
         try:
+            counters = ebpf.create_counters(1, ebpf.slot_size(rule))
             program = ebpf.load_program(ebpf.rule_program(rule, counters), f"mcrd_{hooked.index}_{index}")
-        except OSError:
-            _close(counters)
-            raise
-        try:
-            ebpf.update(hooked.programs_fd, index.to_bytes(4, "little"), program.to_bytes(4, "little"))
+            ebpf.update(hooked.programs_fd, slot, program.to_bytes(4, "little"))
             if current is None:
-                value = index.to_bytes(4, "little")
-                ebpf.update(hooked.table_fd, ebpf.table_key(rule.group, rule.port, rule.source), value)
+                try:
+                    ebpf.update(hooked.table_fd, ebpf.table_key(rule.group, rule.port, rule.source), slot)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        ebpf.delete(hooked.programs_fd, slot)
+                    raise
         except OSError:
-            _close(program, counters)
+            _close(*(fd for fd in (program, counters) if fd >= 0))
+            if current is None:
+                hooked.free.append(index)
             raise
+        _close(program)  # the program array holds it now
         if current is not None:
             self._carry(key, current)
             current.close()
-        hooked.rules[key] = RuleLoaded(rule, index, program, counters)
+        hooked.rules[key] = RuleLoaded(rule, index, counters)
 
-    def _drop(self, hooked: Hooked, key: str, keep: set[str]) -> None:
+    def _drop(self, hooked: Hooked, key: str) -> None:
         loaded = hooked.rules.pop(key)
         rule = loaded.rule
         with contextlib.suppress(OSError):  # the table entry first: no lookup finds the index any more
             ebpf.delete(hooked.table_fd, ebpf.table_key(rule.group, rule.port, rule.source))
         with contextlib.suppress(OSError):
             ebpf.delete(hooked.programs_fd, loaded.index.to_bytes(4, "little"))
-        if key in keep:
-            self._carry(key, loaded)
+        hooked.free.append(loaded.index)
+        self._carry(key, loaded)
         loaded.close()
 
-    def _unhook(self, ipr: Any, index: int, keep: set[str]) -> None:
+    def _unhook(self, ipr: Any, index: int) -> None:
         hooked = self.hooked.pop(index)
         with contextlib.suppress(Exception):  # gone with its interface, or deleted by hand
             _delete_filter(ipr, index, hooked.parent)
@@ -487,9 +523,20 @@ class Tc:
                 if not _any_filters(ipr, index):
                     ipr.tc("del", "clsact", index)
         for key, loaded in hooked.rules.items():
-            if key in keep:
-                self._carry(key, loaded)
+            self._carry(key, loaded)
         hooked.close()
+
+    def _release(self, keep: set[str]) -> None:
+        """What rules that left the kernel counted goes to `released`."""
+        for key in [k for k in self.carried if k not in keep]:
+            self.released[key] = _add(self.released.get(key, []), self.carried.pop(key))
+
+    def take_released(self) -> dict[str, Counts]:
+        """The final counts of the rules that left the kernel since the last
+        call: the caller keeps them, so that totals never go back."""
+        with self.lock:
+            released, self.released = self.released, {}
+            return released
 
     def _carry(self, key: str, loaded: RuleLoaded) -> None:
         with contextlib.suppress(OSError):
@@ -514,9 +561,10 @@ class Tc:
             if self.hooked:
                 with IPRoute() as ipr:
                     for index in sorted(self.hooked):
-                        self._unhook(ipr, index, set())
-            self.carried.clear()
+                        self._unhook(ipr, index)
+            self._release(set())
             self.refused.clear()
+            self.unhookable.clear()
 
 
 def _rules(programs: dict[int, Attachment]) -> set[tuple[str, ebpf.KernelRule]]:

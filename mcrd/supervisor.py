@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 from mcrd import channel, netio
@@ -351,6 +352,8 @@ class Supervisor:
         self.offloaded = Plan()  # what the kernel relays now
         self.offload_shape: tuple[Attachment, ...] = ()  # the programs as last attached
         self.offload_samples: list[tuple[float, dict[str, list[tuple[int, int]]]]] = []
+        # what rules relayed in the kernel before they left it: totals never go back
+        self.kernel_before: dict[str, list[tuple[int, int]]] = {}
         self.offload_checked = 0.0
         self.started = False  # nothing is touched before start(): the control socket is ours then
         self.ports: dict[str, InputPort] = {}
@@ -472,14 +475,27 @@ class Supervisor:
                 await asyncio.to_thread(self.tc.remove)
             self.offload_shape = ()
             self.offload_samples.clear()
+            self._keep_released()
             self.offloaded = plan(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
             return
-        if refused:  # those inputs' rules stay in user space, saying why
+        if refused:  # those rules stay in user space, saying why
             new = plan(self.rules, modes, ports, egress, unavailable, refused)
             shape = new.shape()
         kernel = sum(1 for d in new.decisions.values() if d.kernel)
         log.info("offload: the kernel relays %d rule(s)", kernel)
         self.offload_shape, self.offloaded = shape, new
+        self._keep_released()
+
+    def _keep_released(self) -> None:
+        """Take over the final counts of rules that left the kernel; forget
+        those of rules that are gone."""
+        for key, counts in self.tc.take_released().items():
+            before = self.kernel_before.get(key, [])
+            self.kernel_before[key] = [
+                (p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(before, counts, fillvalue=(0, 0))
+            ]
+        keys = {str(s.key) for s in self.rules}
+        self.kernel_before = {k: v for k, v in self.kernel_before.items() if k in keys}
 
     async def _sample_offload(self) -> None:
         if not self.offload_shape:
@@ -489,12 +505,19 @@ class Supervisor:
         self.offload_samples = [*self.offload_samples[-1:], (time.monotonic(), counters)]
 
     def kernel_counters(self, spec: RuleSpec) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
-        """(packets, payload bytes) of an offloaded rule and of each output."""
-        decision = self.offloaded.decisions.get(str(spec.key))
-        if decision is None or not decision.kernel or not self.offload_samples:
+        """(packets, payload bytes) a rule and each of its outputs relayed
+        in the kernel: now, if it is offloaded, and before."""
+        key = str(spec.key)
+        decision = self.offloaded.decisions.get(key)
+        now: list[tuple[int, int]] = []
+        if decision is not None and decision.kernel and self.offload_samples:
+            now = self.offload_samples[-1][1].get(key, [])
+        before = self.kernel_before.get(key, [])
+        if not now and not before:
             return None
-        counts = self.offload_samples[-1][1].get(str(spec.key), [])
-        counts = (counts + [(0, 0)] * (1 + len(spec.outputs)))[: 1 + len(spec.outputs)]
+        n = 1 + len(spec.outputs)
+        total = [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(now, before, fillvalue=(0, 0))]
+        counts = (total + [(0, 0)] * n)[:n]
         return counts[0], counts[1:]
 
     def kernel_rates(self, spec: RuleSpec) -> tuple[tuple[float, float], list[tuple[float, float]]] | None:
@@ -1017,9 +1040,8 @@ class Supervisor:
                 if out.sock is not None:
                     out.sock.close()
             self.outputs.clear()
-            if self.offload_shape:
-                try:
-                    await asyncio.to_thread(self.tc.remove)
-                except Exception as exc:
-                    log.error("offload: could not remove the kernel's programs: %s", exc)
-                self.offload_shape = ()
+            try:  # also when a first attach was still running as mcrd was told to stop
+                await asyncio.to_thread(self.tc.remove)
+            except Exception as exc:
+                log.error("offload: could not remove the kernel's programs: %s", exc)
+            self.offload_shape = ()

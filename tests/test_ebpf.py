@@ -46,6 +46,7 @@ def frame(
     ihl: int = 5,
     length_delta: int = 0,
     udp_checksum: bool = True,
+    dst_mac: str = "01005e010101",
 ) -> bytes:
     """An Ethernet frame with a valid IPv4/UDP datagram (unless told otherwise)."""
     options = b"\x01" * (4 * (ihl - 5))
@@ -58,7 +59,7 @@ def frame(
     if udp_checksum:
         pseudo = s + d + struct.pack("!BBH", 0, 17, udp_len)
         udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-    eth = bytes.fromhex("01005e010101") + bytes.fromhex("020000000001") + b"\x08\x00"
+    eth = bytes.fromhex(dst_mac) + bytes.fromhex("020000000001") + b"\x08\x00"
     return eth + ip + udp
 
 
@@ -181,6 +182,7 @@ def test_what_the_kernel_does_not_relay_goes_on_untouched(loaded: Loaded) -> Non
         "not UDP": frame(b"x")[:23] + b"\x06" + frame(b"x")[24:],
         "not IPv4": frame(b"x")[:12] + b"\x08\x06" + frame(b"x")[14:],
         "runt": frame(b"x")[:40],
+        "for another host": frame(b"x", dst_mac="020000000077"),  # seen in promiscuous mode
     }
     for what, packet in others.items():
         retval, out = loaded.run(packet)

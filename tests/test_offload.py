@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mcrd.ebpf import KernelRule, Output
-from mcrd.offload import Egress, Port, egress_for, multicast_mac, plan
+from mcrd.offload import Decision, Egress, Port, egress_for, multicast_mac, plan
 from mcrd.rules import Destination, RuleSpec
 
 IN0 = Port(2, "in0", True, True, "02:00:00:00:00:01", 1500)
@@ -141,3 +141,22 @@ def test_a_change_on_one_input_leaves_the_other_inputs_program_alone() -> None:
     new = plan([a, b2], modes, ports, egress(a, b2))  # type: ignore[arg-type]
     assert old.programs[2] == new.programs[2]  # in0's: equal, so not touched
     assert old.programs[6] != new.programs[6] and old.shape() != new.shape()
+
+
+def test_a_catch_all_stays_in_user_space_while_a_source_rule_of_its_group_does() -> None:
+    anyone = spec()
+    limited = spec(
+        input={"interface": "in0", "group": "239.1.1.1", "port": 5000, "source": "192.0.2.10"},
+        rate_limit={"pps": 10},
+    )
+    modes = {str(anyone.key): "auto", str(limited.key): "auto"}
+    p = plan([anyone, limited], modes, PORTS, egress(anyone, limited))  # type: ignore[arg-type]
+    # else the kernel would relay 192.0.2.10's datagrams by the catch-all, past the limit
+    assert p.decisions[str(anyone.key)] == Decision(
+        False, "the rule for source 192.0.2.10 of the same group and port is in user space"
+    )
+    assert not p.programs
+    other_port = spec(input={"interface": "in0", "group": "239.1.1.1", "port": 5001})
+    modes[str(other_port.key)] = "auto"
+    p = plan([anyone, limited, other_port], modes, PORTS, egress(anyone, limited, other_port))  # type: ignore[arg-type]
+    assert p.decisions[str(other_port.key)].kernel

@@ -182,10 +182,14 @@ def test_interfaces_going_and_coming_back_move_a_rule_between_paths(
     rx2 = Receiver(net.dst2, "239.3.3.3", 6001, "eth0")
     Sender(net.src, "eth0").stream("239.1.1.2", 5000, stream=4, count=100)
     assert rx2.wait_for(lambda a: len(rx2.seqs(4)) == 100) and rx2.seqs(4) == list(range(100))
+    wait_until(lambda: daemon.rule_stats("b")["packets"] == 100, what="the kernel's count of b")
     # the input itself goes: both rules pending, nothing left hooked to it
     net.lab.ip(net.src, "link", "del", "eth0")
     wait_until(lambda: all(p == "user" for p, _ in paths(daemon).values()), what="rules out of the kernel")
     assert ours(net.relay) == []
+    # what the kernel relayed stays counted: totals never go back
+    assert daemon.rule_stats("b")["packets"] == 100
+    assert daemon.rule_stats("b")["outputs"][0]["packets"] == 100
 
 
 def test_a_unicast_output_moves_to_the_kernel_once_its_next_hop_resolves(
