@@ -368,10 +368,13 @@ class Tc:
 
         removed = 0
         with self.lock, IPRoute() as ipr:
-            for link in ipr.get_links():
-                index = link["index"]
-                parent = _ingress_parent(ipr, index)
-                if parent is None or not any(_is_ours(f) for f in _filters(ipr, index, parent)):
+            hooks: dict[int, int] = {}  # one dump of every qdisc: most interfaces have no ingress hook
+            for q in ipr.get_qdiscs():
+                kind = q.get_attr("TCA_KIND")
+                if kind in ("clsact", "ingress"):
+                    hooks[q["index"]] = INGRESS_CLSACT if kind == "clsact" else INGRESS_QDISC
+            for index, parent in sorted(hooks.items()):
+                if not any(_is_ours(f) for f in _filters(ipr, index, parent)):
                     continue
                 with contextlib.suppress(Exception):  # one filter of ours: priority and handle are fixed
                     _delete_filter(ipr, index, parent)
