@@ -170,7 +170,8 @@ class ControlServer:
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await self.server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -190,13 +191,15 @@ class ControlServer:
         finally:
             self.clients -= 1
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
             writer.close()
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
         while True:
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.limits.client_timeout)
+                async with asyncio.timeout(self.limits.client_timeout):
+                    line = await reader.readuntil(b"\n")
             except TimeoutError:
                 writer.write(
                     encode_error("timeout", f"no complete request within {self.limits.client_timeout:g}s")
@@ -210,7 +213,8 @@ class ControlServer:
                 writer.write(encode_error("too-large", f"request exceeds {MAX_REQUEST} bytes"))
                 return
             writer.write(await self.dispatch(line, peer))
-            await asyncio.wait_for(writer.drain(), self.limits.client_timeout)
+            async with asyncio.timeout(self.limits.client_timeout):
+                await writer.drain()
 
     async def dispatch(self, line: bytes, peer: Peer) -> bytes:
         try:

@@ -311,7 +311,8 @@ class Relay:
 
         LinkMonitor(loop, on_links).start()
         try:
-            await asyncio.wait_for(first_links.wait(), 2.0)
+            async with asyncio.timeout(2.0):
+                await first_links.wait()
         except TimeoutError:
             log.warning("netlink gave no interface list; checking interfaces directly until it does")
         stop = asyncio.Event()

@@ -117,7 +117,11 @@ class WorkerLink:
         self.pending[ident] = future
         try:
             channel.send(self.chan, {**message, "id": ident}, fds)
-            return await asyncio.wait_for(future, timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+            # cancellation that meets the reply, and a cancelled worker task
+            # then went on to wait for its worker forever (a reload hung).
+            async with asyncio.timeout(timeout):
+                return await future
         finally:
             self.pending.pop(ident, None)
 
@@ -140,7 +144,8 @@ class WorkerLink:
         """Ask the worker to exit; kill it if it has not within a second."""
         self.notify({"op": "stop"})
         try:
-            await asyncio.wait_for(self.process.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.process.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
