@@ -37,6 +37,7 @@ import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any, Literal
 
 from mcrd import ebpf
@@ -532,7 +533,7 @@ class Tc:
     def _release(self, keep: set[str]) -> None:
         """What rules that left the kernel counted goes to `released`."""
         for key in [k for k in self.carried if k not in keep]:
-            self.released[key] = _add(self.released.get(key, []), self.carried.pop(key))
+            self.released[key] = add_counts(self.released.get(key, []), self.carried.pop(key))
 
     def take_released(self) -> dict[str, Counts]:
         """The final counts of the rules that left the kernel since the last
@@ -543,7 +544,7 @@ class Tc:
 
     def _carry(self, key: str, loaded: RuleLoaded) -> None:
         with contextlib.suppress(OSError):
-            self.carried[key] = _add(self.carried.get(key, []), loaded.read())
+            self.carried[key] = add_counts(self.carried.get(key, []), loaded.read())
 
     def counters(self) -> dict[str, Counts]:
         """What each offloaded rule relayed, by rule key: its own count,
@@ -553,7 +554,7 @@ class Tc:
             for hooked in self.hooked.values():
                 for key, loaded in hooked.rules.items():
                     with contextlib.suppress(OSError):
-                        found[key] = _add(self.carried.get(key, []), loaded.read())
+                        found[key] = add_counts(self.carried.get(key, []), loaded.read())
             return found
 
     def remove(self) -> None:
@@ -574,10 +575,14 @@ def _rules(programs: dict[int, Attachment]) -> set[tuple[str, ebpf.KernelRule]]:
     return {(key, rule) for att in programs.values() for key, rule in att.rules}
 
 
-def _add(a: Counts, b: Counts) -> Counts:
-    n = len(b)
-    a = (a + [(0, 0)] * n)[:n]
-    return [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip(a, b, strict=True)]
+def add_counts(a: Counts, b: Counts) -> Counts:
+    """Two rules' counts summed pairwise; the shorter one padded with zeros."""
+    return [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(a, b, fillvalue=(0, 0))]
+
+
+def fit_counts(counts: Counts, n: int) -> Counts:
+    """Exactly `n` entries: cut, or padded with zeros."""
+    return (counts + [(0, 0)] * n)[:n]
 
 
 def _ingress_parent(ipr: Any, index: int) -> int | None:

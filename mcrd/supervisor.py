@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from typing import Any
 
 from mcrd import channel, netio
@@ -36,6 +35,8 @@ from mcrd.offload import (
     Plan,
     Port,
     Tc,
+    add_counts,
+    fit_counts,
     gather,
     plan,
 )
@@ -495,10 +496,7 @@ class Supervisor:
         """Take over the final counts of rules that left the kernel; forget
         those of rules that are gone."""
         for key, counts in self.tc.take_released().items():
-            before = self.kernel_before.get(key, [])
-            self.kernel_before[key] = [
-                (p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(before, counts, fillvalue=(0, 0))
-            ]
+            self.kernel_before[key] = add_counts(self.kernel_before.get(key, []), counts)
         keys = {str(s.key) for s in self.rules}
         self.kernel_before = {k: v for k, v in self.kernel_before.items() if k in keys}
 
@@ -520,9 +518,7 @@ class Supervisor:
         before = self.kernel_before.get(key, [])
         if not now and not before:
             return None
-        n = 1 + len(spec.outputs)
-        total = [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(now, before, fillvalue=(0, 0))]
-        counts = (total + [(0, 0)] * n)[:n]
+        counts = fit_counts(add_counts(now, before), 1 + len(spec.outputs))
         return counts[0], counts[1:]
 
     def kernel_rates(self, spec: RuleSpec) -> tuple[tuple[float, float], list[tuple[float, float]]] | None:
@@ -532,9 +528,7 @@ class Supervisor:
         (t0, c0), (t1, c1) = self.offload_samples
         dt = max(t1 - t0, 1e-6)
         n = 1 + len(spec.outputs)
-        before = (c0.get(key, []) + [(0, 0)] * n)[:n]
-        now = (c1.get(key, []) + [(0, 0)] * n)[:n]
-        pairs = zip(before, now, strict=True)
+        pairs = zip(fit_counts(c0.get(key, []), n), fit_counts(c1.get(key, []), n), strict=True)
         rates = [(max(0, p1 - p0) / dt, max(0, b1 - b0) * 8 / dt) for (p0, b0), (p1, b1) in pairs]
         return rates[0], rates[1:]
 
