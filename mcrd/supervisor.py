@@ -28,21 +28,12 @@ from typing import Any
 
 from mcrd import channel, netio
 from mcrd.links import Link, Snapshot
-from mcrd.offload import (
-    Attachment,
-    Egress,
-    OffloadMode,
-    Plan,
-    Port,
-    Tc,
-    add_counts,
-    fit_counts,
-    gather,
-    plan,
-)
+from mcrd.offload.netlink import gather
+from mcrd.offload.plan import Attachment, Egress, Iface, OffloadMode, OffloadPlan, plan_offload
+from mcrd.offload.tc import Counts, Tc, add_counts, fit_counts
 from mcrd.packet import DROP_REASONS, FilterEntry, ip_to_int
 from mcrd.rulebook import rule_id
-from mcrd.rules import Destination, RuleSpec, is_multicast
+from mcrd.rules import Destination, RuleKey, RuleSpec, is_multicast
 
 log = logging.getLogger("mcrd")
 
@@ -355,11 +346,11 @@ class Supervisor:
         self.ring = ring or netio.RingSpec()
         self.offload_default = offload
         self.tc = tc or Tc()
-        self.offloaded = Plan()  # what the kernel relays now
+        self.offloaded = OffloadPlan()  # what the kernel relays now
         self.offload_shape: tuple[Attachment, ...] = ()  # the programs as last attached
-        self.offload_samples: list[tuple[float, dict[str, list[tuple[int, int]]]]] = []
+        self.offload_samples: list[tuple[float, dict[RuleKey, Counts]]] = []
         # what rules relayed in the kernel before they left it: totals never go back
-        self.kernel_before: dict[str, list[tuple[int, int]]] = {}
+        self.kernel_before: dict[RuleKey, Counts] = {}
         self.offload_checked = 0.0
         self.started = False  # nothing is touched before start(): the control socket is ours then
         self.ports: dict[str, InputPort] = {}
@@ -453,22 +444,22 @@ class Supervisor:
     async def _sync_offload(self) -> None:
         """Converge the kernel's programs on the rules it can relay; touch an
         input interface's program only when what it should hold changed."""
-        modes: dict[str, OffloadMode] = {str(s.key): self.offload_mode(s) for s in self.rules}
-        wanted = [s for s in self.rules if modes[str(s.key)] != "off"]
+        modes: dict[RuleKey, OffloadMode] = {s.key: self.offload_mode(s) for s in self.rules}
+        wanted = [s for s in self.rules if modes[s.key] != "off"]
         self.offload_checked = time.monotonic()
         if not wanted and not self.offload_shape:
-            self.offloaded = plan(self.rules, modes, {}, {})
+            self.offloaded = plan_offload(self.rules, modes, {}, {})
             return
         unavailable = self.tc.missing
-        ports: dict[str, Port] = {}
+        ifaces: dict[str, Iface] = {}
         egress: dict[Destination, Egress] = {}
         if not unavailable:
             try:
-                ports, egress = await asyncio.to_thread(gather, wanted)
+                ifaces, egress = await asyncio.to_thread(gather, wanted)
             except Exception as exc:  # then nothing is offloaded until the next look
                 log.error("offload: could not look up interfaces, routes and neighbours: %s", exc)
                 unavailable = f"netlink lookup failed: {exc}"
-        new = plan(self.rules, modes, ports, egress, unavailable)
+        new = plan_offload(self.rules, modes, ifaces, egress, unavailable)
         shape = new.shape()
         if shape == self.offload_shape:
             self.offloaded = new
@@ -482,10 +473,10 @@ class Supervisor:
             self.offload_shape = ()
             self.offload_samples.clear()
             self._keep_released()
-            self.offloaded = plan(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
+            self.offloaded = plan_offload(self.rules, modes, {}, {}, f"the kernel refused: {exc}")
             return
         if refused:  # those rules stay in user space, saying why
-            new = plan(self.rules, modes, ports, egress, unavailable, refused)
+            new = plan_offload(self.rules, modes, ifaces, egress, unavailable, refused)
             shape = new.shape()
         kernel = sum(1 for d in new.decisions.values() if d.kernel)
         log.info("offload: the kernel relays %d rule(s)", kernel)
@@ -497,7 +488,7 @@ class Supervisor:
         those of rules that are gone."""
         for key, counts in self.tc.take_released().items():
             self.kernel_before[key] = add_counts(self.kernel_before.get(key, []), counts)
-        keys = {str(s.key) for s in self.rules}
+        keys = {s.key for s in self.rules}
         self.kernel_before = {k: v for k, v in self.kernel_before.items() if k in keys}
 
     async def _sample_offload(self) -> None:
@@ -510,7 +501,7 @@ class Supervisor:
     def kernel_counters(self, spec: RuleSpec) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
         """(packets, payload bytes) a rule and each of its outputs relayed
         in the kernel: now, if it is offloaded, and before."""
-        key = str(spec.key)
+        key = spec.key
         decision = self.offloaded.decisions.get(key)
         now: list[tuple[int, int]] = []
         if decision is not None and decision.kernel and self.offload_samples:
@@ -522,7 +513,7 @@ class Supervisor:
         return counts[0], counts[1:]
 
     def kernel_rates(self, spec: RuleSpec) -> tuple[tuple[float, float], list[tuple[float, float]]] | None:
-        key = str(spec.key)
+        key = spec.key
         if len(self.offload_samples) < 2 or key not in self.offloaded.decisions:
             return None
         (t0, c0), (t1, c1) = self.offload_samples
@@ -890,7 +881,7 @@ class Supervisor:
             for dest in spec.destinations():
                 ostate, oreason = self.output_state(dest)
                 outputs.append({"destination": str(dest), "state": ostate, "reason": oreason})
-            decision = self.offloaded.decisions.get(str(spec.key))
+            decision = self.offloaded.decisions.get(spec.key)
             views.append(
                 {
                     "name": spec.name,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mcrd import ebpf
+from mcrd.offload import asm, bpf, programs
 
 from .conftest import needs_root
 
@@ -74,29 +74,33 @@ def valid(pkt: bytes) -> bool:
     return checksum(pseudo + udp) == 0
 
 
-OUT_A = ebpf.Output(999_999, "02:00:00:00:00:0a", "01:00:5e:02:02:02", "198.51.100.1", "239.2.2.2", 6000, 1)
-OUT_B = ebpf.Output(1, "02:00:00:00:00:0b", "02:00:00:00:00:99", "203.0.113.1", "203.0.113.2", 6001, 64)
+OUT_A = programs.KernelOutput(
+    999_999, "02:00:00:00:00:0a", "01:00:5e:02:02:02", "198.51.100.1", "239.2.2.2", 6000, 1
+)
+OUT_B = programs.KernelOutput(
+    1, "02:00:00:00:00:0b", "02:00:00:00:00:99", "203.0.113.1", "203.0.113.2", 6001, 64
+)
 
 
 class Loaded:
     """A dispatcher and its rules' programs, as mcrd's `Tc` sets them up,
     without an interface."""
 
-    def __init__(self, rules: list[ebpf.KernelRule]) -> None:
+    def __init__(self, rules: list[programs.KernelRule]) -> None:
         self.rules = rules
-        self.table = ebpf.create_table(16)
-        self.programs = ebpf.create_program_array(16)
-        self.prog = ebpf.load_program(ebpf.dispatch_program(self.table, self.programs), "mcrd_test")
+        self.table = bpf.create_table(16)
+        self.programs = bpf.create_program_array(16)
+        self.prog = bpf.load_program(programs.dispatch_program(self.table, self.programs), "mcrd_test")
         self.fds = [self.table, self.programs, self.prog]
         self.counters: list[int] = []
         for n, rule in enumerate(rules):
-            counters = ebpf.create_counters(1, ebpf.slot_size(rule))
-            program = ebpf.load_program(ebpf.rule_program(rule, counters), f"mcrd_test_{n}")
+            counters = bpf.create_counters(1, programs.slot_size(rule))
+            program = bpf.load_program(programs.rule_program(rule, counters), f"mcrd_test_{n}")
             self.fds += [counters, program]
             self.counters.append(counters)
-            ebpf.update(self.programs, n.to_bytes(4, "little"), program.to_bytes(4, "little"))
-            ebpf.update(
-                self.table, ebpf.table_key(rule.group, rule.port, rule.source), n.to_bytes(4, "little")
+            bpf.update(self.programs, n.to_bytes(4, "little"), program.to_bytes(4, "little"))
+            bpf.update(
+                self.table, programs.table_key(rule.group, rule.port, rule.source), n.to_bytes(4, "little")
             )
 
     def run(self, packet: bytes) -> tuple[int, bytes]:
@@ -116,13 +120,13 @@ class Loaded:
             1,
             0,
         )
-        ebpf._bpf(BPF_PROG_TEST_RUN, attr)
+        bpf._bpf(BPF_PROG_TEST_RUN, attr)
         retval, _size_in, size_out = struct.unpack_from("<iII", attr, 4)
         return retval, data_out.raw[:size_out]
 
     def counts(self) -> list[list[int]]:
         return [
-            ebpf.read_counters(fd, 1, ebpf.slot_size(rule))[0]
+            bpf.read_counters(fd, 1, programs.slot_size(rule))[0]
             for fd, rule in zip(self.counters, self.rules, strict=True)
         ]
 
@@ -140,7 +144,7 @@ def loaded(request: pytest.FixtureRequest) -> Iterator[Loaded]:
         prog.close()
 
 
-TWO_OUTPUTS = [ebpf.KernelRule("239.1.1.1", 5000, None, 1500, (OUT_A, OUT_B))]
+TWO_OUTPUTS = [programs.KernelRule("239.1.1.1", 5000, None, 1500, (OUT_A, OUT_B))]
 
 
 @needs_root
@@ -168,7 +172,9 @@ def test_the_kernel_rewrites_with_valid_checksums(loaded: Loaded, size: int, udp
 
 
 @needs_root
-@pytest.mark.parametrize("loaded", [[ebpf.KernelRule("239.1.1.1", 5000, None, 100, (OUT_B,))]], indirect=True)
+@pytest.mark.parametrize(
+    "loaded", [[programs.KernelRule("239.1.1.1", 5000, None, 100, (OUT_B,))]], indirect=True
+)
 def test_what_the_kernel_does_not_relay_goes_on_untouched(loaded: Loaded) -> None:
     others = {
         "another group": frame(b"x", dst="239.1.1.2"),
@@ -194,9 +200,9 @@ def test_what_the_kernel_does_not_relay_goes_on_untouched(loaded: Loaded) -> Non
 
 
 SOURCES = [
-    ebpf.KernelRule("239.1.1.1", 5000, "192.0.2.10", 1500, (OUT_B,)),
-    ebpf.KernelRule("239.1.1.1", 5000, None, 1500, (OUT_A,)),
-    ebpf.KernelRule("239.1.1.1", 5001, "192.0.2.10", 1500, (OUT_B,)),
+    programs.KernelRule("239.1.1.1", 5000, "192.0.2.10", 1500, (OUT_B,)),
+    programs.KernelRule("239.1.1.1", 5000, None, 1500, (OUT_A,)),
+    programs.KernelRule("239.1.1.1", 5001, "192.0.2.10", 1500, (OUT_B,)),
 ]
 
 
@@ -210,8 +216,8 @@ def test_a_source_specific_rule_wins_over_the_catch_all(loaded: Loaded) -> None:
 
 
 def test_the_assembler_encodes_jumps_and_wide_constants() -> None:
-    a = ebpf.Asm()
-    a.jump(ebpf.JMP32, ebpf.JNE, 3, 0xEF0101FF, "out")
+    a = asm.EbpfAsm()
+    a.jump(asm.JMP32, asm.JNE, 3, 0xEF0101FF, "out")
     a.ld_imm64(4, 0x1_2345_6789)
     a.label("out")
     a.exit()
@@ -219,7 +225,7 @@ def test_the_assembler_encodes_jumps_and_wide_constants() -> None:
     assert (jne.code, jne.dst, jne.off, jne.imm & 0xFFFFFFFF) == (0x56, 3, 2, 0xEF0101FF)
     assert (lo.code, lo.dst, lo.imm, hi.imm) == (0x18, 4, 0x23456789, 1)
     assert ex.encode() == bytes([0x95, 0, 0, 0, 0, 0, 0, 0])
-    program = ebpf.rule_program(TWO_OUTPUTS[0], 42)
-    maps = [i for i in program if i.code == 0x18 and i.src == ebpf.PSEUDO_MAP_FD]
+    program = programs.rule_program(TWO_OUTPUTS[0], 42)
+    maps = [i for i in program if i.code == 0x18 and i.src == asm.PSEUDO_MAP_FD]
     assert maps and all(i.imm == 42 for i in maps)  # the counters map, by its descriptor
-    assert ebpf.table_key("239.1.1.1", 5000, None) == bytes([239, 1, 1, 1, 0x13, 0x88, 0, 0, 0, 0, 0, 0])
+    assert programs.table_key("239.1.1.1", 5000, None) == bytes([239, 1, 1, 1, 0x13, 0x88, 0, 0, 0, 0, 0, 0])

@@ -1,16 +1,24 @@
-"""Kernel offload planning, without sockets or the kernel."""
+"""Kernel offload planning (mcrd.offload.plan), without sockets or the kernel."""
 
 from __future__ import annotations
 
-from mcrd.ebpf import KernelRule, Output
-from mcrd.offload import Decision, Egress, Port, egress_for, multicast_mac, plan
-from mcrd.rules import Destination, RuleSpec
+from mcrd.offload.plan import (
+    Decision,
+    Egress,
+    Iface,
+    OffloadMode,
+    egress_for,
+    multicast_mac,
+    plan_offload,
+)
+from mcrd.offload.programs import KernelOutput, KernelRule
+from mcrd.rules import Destination, RuleKey, RuleSpec
 
-IN0 = Port(2, "in0", True, True, "02:00:00:00:00:01", 1500)
-OUT0 = Port(3, "out0", True, True, "02:00:00:00:00:02", 1500)
-OUT1 = Port(4, "out1", True, True, "02:00:00:00:00:03", 9000)
-TUN = Port(5, "tun0", True, False, "", 1400)
-PORTS = {p.name: p for p in (IN0, OUT0, OUT1, TUN)}
+IN0 = Iface(2, "in0", True, True, "02:00:00:00:00:01", 1500)
+OUT0 = Iface(3, "out0", True, True, "02:00:00:00:00:02", 1500)
+OUT1 = Iface(4, "out1", True, True, "02:00:00:00:00:03", 9000)
+TUN = Iface(5, "tun0", True, False, "", 1400)
+IFACES = {p.name: p for p in (IN0, OUT0, OUT1, TUN)}
 ADDRS = {3: ["198.51.100.1"], 4: ["203.0.113.1"]}
 
 
@@ -23,6 +31,12 @@ def spec(**kw: object) -> RuleSpec:
     return RuleSpec.model_validate(data)
 
 
+def auto(*rules: RuleSpec, off: tuple[RuleSpec, ...] = ()) -> dict[RuleKey, OffloadMode]:
+    """Offload modes: "auto" for `rules`, "off" for `off`."""
+    modes: dict[RuleKey, OffloadMode] = dict.fromkeys((r.key for r in rules), "auto")
+    return modes | dict.fromkeys((r.key for r in off), "off")
+
+
 def on(group: str, *outputs: dict[str, object], interface: str = "in0") -> RuleSpec:
     return spec(input={"interface": interface, "group": group, "port": 5000}, outputs=list(outputs))
 
@@ -32,7 +46,7 @@ def egress(
 ) -> dict[Destination, Egress]:
     routes = {"198.51.100.2": ("198.51.100.1", "198.51.100.2")}
     return {
-        d: egress_for(d, PORTS, ADDRS, routes.get(d.group), neighbours or {})
+        d: egress_for(d, IFACES, ADDRS, routes.get(d.group), neighbours or {})
         for s in specs
         for d in s.destinations()
     }
@@ -50,36 +64,40 @@ def test_a_multicast_rule_becomes_a_kernel_rule_with_everything_resolved() -> No
             {"interface": "out1", "group": "239.3.3.3", "ttl": 4},
         ]
     )
-    p = plan([rule], {str(rule.key): "auto"}, PORTS, egress(rule))
-    assert p.decisions[str(rule.key)].kernel
+    p = plan_offload([rule], auto(rule), IFACES, egress(rule))
+    assert p.decisions[rule.key].kernel
     (attachment,) = p.shape()
     assert (attachment.index, attachment.name) == (2, "in0")
     assert attachment.rules == (
         (
-            str(rule.key),
+            rule.key,
             KernelRule(
                 "239.1.1.1",
                 5000,
                 None,
                 1500,  # the smaller output MTU: larger datagrams go to user space, which fragments
                 (
-                    Output(3, "02:00:00:00:00:02", "01:00:5e:02:02:02", "198.51.100.1", "239.2.2.2", 6000, 1),
-                    Output(4, "02:00:00:00:00:03", "01:00:5e:03:03:03", "203.0.113.1", "239.3.3.3", 5000, 4),
+                    KernelOutput(
+                        3, "02:00:00:00:00:02", "01:00:5e:02:02:02", "198.51.100.1", "239.2.2.2", 6000, 1
+                    ),
+                    KernelOutput(
+                        4, "02:00:00:00:00:03", "01:00:5e:03:03:03", "203.0.113.1", "239.3.3.3", 5000, 4
+                    ),
                 ),
             ),
         ),
     )
-    assert p.shape() == plan([rule], {str(rule.key): "auto"}, PORTS, egress(rule)).shape()
+    assert p.shape() == plan_offload([rule], auto(rule), IFACES, egress(rule)).shape()
 
 
 def test_source_specific_rules_come_before_the_catch_all() -> None:
     anyone = spec()
     one = spec(input={"interface": "in0", "group": "239.1.1.1", "port": 5000, "source": "192.0.2.10"})
-    modes = {str(anyone.key): "auto", str(one.key): "auto"}
-    p = plan([anyone, one], modes, PORTS, egress(anyone, one))  # type: ignore[arg-type]
+    modes = auto(anyone, one)
+    p = plan_offload([anyone, one], modes, IFACES, egress(anyone, one))
     first, second = p.programs[2].rules
-    assert first == (str(one.key), first[1]) and first[1].source == "192.0.2.10"
-    assert second[0] == str(anyone.key) and second[1].source is None
+    assert first == (one.key, first[1]) and first[1].source == "192.0.2.10"
+    assert second[0] == anyone.key and second[1].source is None
 
 
 def test_what_stays_in_user_space_says_why() -> None:
@@ -98,9 +116,9 @@ def test_what_stays_in_user_space_says_why() -> None:
     gone = spec(input={"interface": "eth9", "group": "239.1.1.5", "port": 5000})
     off = spec(input={"interface": "in0", "group": "239.1.1.6", "port": 5000})
     rules = [limited, tunnel, nowhere, unicast, gone, off]
-    modes = {str(r.key): "auto" for r in rules} | {str(off.key): "off"}
-    p = plan(rules, modes, PORTS, egress(*rules))  # type: ignore[arg-type]
-    why = {r.input.group: p.decisions[str(r.key)].reason for r in rules}
+    modes = auto(*rules[:-1], off=(off,))
+    p = plan_offload(rules, modes, IFACES, egress(*rules))
+    why = {r.input.group: p.decisions[r.key].reason for r in rules}
     assert why == {
         "239.1.1.1": "rate limits are policed in user space",
         "239.1.1.2": "output 239.2.2.2:5000 on tun0 ttl 1: tun0 is not an Ethernet interface",
@@ -111,7 +129,7 @@ def test_what_stays_in_user_space_says_why() -> None:
     }
     assert not p.programs
     resolved = egress(unicast, neighbours={(3, "198.51.100.2"): "02:00:00:00:00:99"})
-    p = plan([unicast], {str(unicast.key): "auto"}, PORTS, resolved)
+    p = plan_offload([unicast], auto(unicast), IFACES, resolved)
     ((_key, kernel_rule),) = p.programs[2].rules
     assert kernel_rule.outputs[0].dst_mac == "02:00:00:00:00:99"
     assert kernel_rule.outputs[0].src_ip == "198.51.100.1" and kernel_rule.outputs[0].ttl == 64
@@ -119,26 +137,24 @@ def test_what_stays_in_user_space_says_why() -> None:
 
 def test_nothing_is_offloaded_without_ebpf_and_a_refused_rule_says_why() -> None:
     rule = spec()
-    p = plan(
-        [rule], {str(rule.key): "auto"}, PORTS, egress(rule), "eBPF is not available: Operation not permitted"
+    p = plan_offload(
+        [rule], auto(rule), IFACES, egress(rule), "eBPF is not available: Operation not permitted"
     )
-    assert p.decisions[str(rule.key)].reason == "eBPF is not available: Operation not permitted"
+    assert p.decisions[rule.key].reason == "eBPF is not available: Operation not permitted"
     assert not p.programs
-    p = plan(
-        [rule], {str(rule.key): "auto"}, PORTS, egress(rule), refused={str(rule.key): "the kernel refused it"}
-    )
-    assert p.decisions[str(rule.key)].reason == "the kernel refused it" and not p.programs
+    p = plan_offload([rule], auto(rule), IFACES, egress(rule), refused={rule.key: "the kernel refused it"})
+    assert p.decisions[rule.key].reason == "the kernel refused it" and not p.programs
 
 
 def test_a_change_on_one_input_leaves_the_other_inputs_program_alone() -> None:
-    in1 = Port(6, "in1", True, True, "02:00:00:00:00:06", 1500)
-    ports = {**PORTS, "in1": in1}
+    in1 = Iface(6, "in1", True, True, "02:00:00:00:00:06", 1500)
+    ports = {**IFACES, "in1": in1}
     a = spec()
     b = on("239.1.1.2", {"interface": "out1", "group": "239.3.3.3"}, interface="in1")
     b2 = on("239.1.1.2", {"interface": "out1", "group": "239.3.3.4"}, interface="in1")
-    modes = {str(r.key): "auto" for r in (a, b)}
-    old = plan([a, b], modes, ports, egress(a, b))  # type: ignore[arg-type]
-    new = plan([a, b2], modes, ports, egress(a, b2))  # type: ignore[arg-type]
+    modes = auto(a, b, b2)
+    old = plan_offload([a, b], modes, ports, egress(a, b))
+    new = plan_offload([a, b2], modes, ports, egress(a, b2))
     assert old.programs[2] == new.programs[2]  # in0's: equal, so not touched
     assert old.programs[6] != new.programs[6] and old.shape() != new.shape()
 
@@ -149,14 +165,14 @@ def test_a_catch_all_stays_in_user_space_while_a_source_rule_of_its_group_does()
         input={"interface": "in0", "group": "239.1.1.1", "port": 5000, "source": "192.0.2.10"},
         rate_limit={"pps": 10},
     )
-    modes = {str(anyone.key): "auto", str(limited.key): "auto"}
-    p = plan([anyone, limited], modes, PORTS, egress(anyone, limited))  # type: ignore[arg-type]
+    modes = auto(anyone, limited)
+    p = plan_offload([anyone, limited], modes, IFACES, egress(anyone, limited))
     # else the kernel would relay 192.0.2.10's datagrams by the catch-all, past the limit
-    assert p.decisions[str(anyone.key)] == Decision(
+    assert p.decisions[anyone.key] == Decision(
         False, "the rule for source 192.0.2.10 of the same group and port is in user space"
     )
     assert not p.programs
     other_port = spec(input={"interface": "in0", "group": "239.1.1.1", "port": 5001})
-    modes[str(other_port.key)] = "auto"
-    p = plan([anyone, limited, other_port], modes, PORTS, egress(anyone, limited, other_port))  # type: ignore[arg-type]
-    assert p.decisions[str(other_port.key)].kernel
+    modes[other_port.key] = "auto"
+    p = plan_offload([anyone, limited, other_port], modes, IFACES, egress(anyone, limited, other_port))
+    assert p.decisions[other_port.key].kernel

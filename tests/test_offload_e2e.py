@@ -71,9 +71,9 @@ def attach(ns: str, dev: str, name: str, prio: int) -> None:
     crashed mcrd) would, from a process that is gone when this returns."""
     code = f"""
 from pyroute2 import IPRoute
-from mcrd import ebpf
-a = ebpf.Asm(); a.mov(0, -1); a.exit()
-fd = ebpf.load_program(a.assemble(), "other")
+from mcrd.offload import asm, bpf
+a = asm.EbpfAsm(); a.mov(0, -1); a.exit()
+fd = bpf.load_program(a.assemble(), "other")
 with IPRoute() as ipr:
     index = ipr.link_lookup(ifname="{dev}")[0]
     if not any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index)):

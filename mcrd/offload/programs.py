@@ -24,36 +24,36 @@ So each rule is its own program with its own counters (a per-CPU array:
 packets and payload bytes for the rule, then for each output), added,
 replaced (one atomic update of the program array) and removed alone. The
 program builders are pure (maps are file descriptor numbers) and tested by
-having the kernel run them on crafted packets; the syscalls at the bottom
-are the adapter.
+having the kernel run them on crafted packets; `mcrd.offload.bpf` loads
+them. Depends only on `mcrd.offload.asm`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import ipaddress
-import os
-import platform
-import struct
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# -- instruction encoding ----------------------------------------------------
-
-# classes
-LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = range(8)
-# sizes and modes
-W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-IMM, MEM = 0x00, 0x60
-# ALU operations, jumps
-ADD, SUB, RSH, AND, XOR, MOV, END = 0x00, 0x10, 0x70, 0x50, 0xA0, 0xB0, 0xD0
-K, X = 0x00, 0x08
-JA, JEQ, JGT, JNE, CALL, EXIT, JLT = 0x00, 0x10, 0x20, 0x50, 0x80, 0x90, 0xA0
-TO_BE = 0x08
-PSEUDO_MAP_FD = 1
+from mcrd.offload.asm import (
+    ADD,
+    ALU,
+    AND,
+    DW,
+    END,
+    JEQ,
+    JGT,
+    JLT,
+    JMP,
+    JNE,
+    RSH,
+    SUB,
+    TO_BE,
+    XOR,
+    B,
+    EbpfAsm,
+    H,
+    Insn,
+    W,
+)
 
 # helpers (include/uapi/linux/bpf.h)
 MAP_LOOKUP_ELEM = 1
@@ -83,113 +83,11 @@ UDP_DPORT, UDP_CSUM = 36, 40
 HEADERS_END = 42
 UDP_HEADERS = 28  # IPv4 + UDP header bytes, not counted as payload
 
-
-@dataclass(frozen=True)
-class Insn:
-    code: int
-    dst: int = 0
-    src: int = 0
-    off: int = 0
-    imm: int = 0
-
-    def encode(self) -> bytes:
-        return struct.pack("<BBhi", self.code, self.dst | self.src << 4, self.off, self.imm)
-
-
-def _s32(value: int) -> int:
-    """An unsigned 32-bit value as the signed immediate the encoding holds."""
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value & 0x80000000 else value
-
-
-class Asm:
-    """An eBPF assembler with labels for forward jumps."""
-
-    def __init__(self) -> None:
-        self.code: list[Insn | tuple[int, int, int, str]] = []
-        self.labels: dict[str, int] = {}
-
-    def emit(self, code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> None:
-        self.code.append(Insn(code, dst, src, off, imm))
-
-    def label(self, name: str) -> None:
-        assert name not in self.labels, name
-        self.labels[name] = len(self.code)
-
-    # loads, stores, arithmetic
-    def load(self, size: int, dst: int, src: int, off: int) -> None:
-        self.emit(LDX | MEM | size, dst, src, off)
-
-    def store_imm(self, size: int, dst: int, off: int, imm: int) -> None:
-        self.emit(ST | MEM | size, dst, 0, off, _s32(imm))
-
-    def store(self, size: int, dst: int, off: int, src: int) -> None:
-        self.emit(STX | MEM | size, dst, src, off)
-
-    def mov(self, dst: int, imm: int) -> None:
-        self.emit(ALU64 | MOV | K, dst, 0, 0, imm)
-
-    def mov_reg(self, dst: int, src: int) -> None:
-        self.emit(ALU64 | MOV | X, dst, src)
-
-    def mov32_reg(self, dst: int, src: int) -> None:  # zero-extends
-        self.emit(ALU | MOV | X, dst, src)
-
-    def alu(self, op: int, dst: int, imm: int) -> None:
-        self.emit(ALU64 | op | K, dst, 0, 0, imm)
-
-    def alu_reg(self, op: int, dst: int, src: int) -> None:
-        self.emit(ALU64 | op | X, dst, src)
-
-    def alu32(self, op: int, dst: int, imm: int) -> None:
-        self.emit(ALU | op | K, dst, 0, 0, _s32(imm))
-
-    def ld_imm64(self, dst: int, value: int, src: int = 0) -> None:
-        self.emit(LD | DW | IMM, dst, src, 0, _s32(value))
-        self.emit(0, 0, 0, 0, _s32(value >> 32))
-
-    def ld_map(self, dst: int, fd: int) -> None:
-        self.emit(LD | DW | IMM, dst, PSEUDO_MAP_FD, 0, fd)
-        self.emit(0)
-
-    def call(self, helper: int) -> None:
-        self.emit(JMP | CALL, imm=helper)
-
-    def exit(self) -> None:
-        self.emit(JMP | EXIT)
-
-    # jumps to labels
-    def jump(self, cls: int, op: int, dst: int, imm: int, label: str) -> None:
-        self.code.append((cls | op | K, dst, _s32(imm), label))
-
-    def jump_reg(self, op: int, dst: int, src: int, label: str) -> None:
-        self.code.append((JMP | op | X, dst | src << 4, 0, label))
-
-    def goto(self, label: str) -> None:
-        self.code.append((JMP | JA, 0, 0, label))
-
-    def assemble(self) -> list[Insn]:
-        out: list[Insn] = []
-        for pc, item in enumerate(self.code):
-            if isinstance(item, Insn):
-                out.append(item)
-                continue
-            code, regs, imm, label = item
-            off = self.labels[label] - pc - 1
-            assert -(1 << 15) <= off < 1 << 15, f"jump to {label} out of range"
-            out.append(Insn(code, regs & 0xF, regs >> 4, off, imm))
-        return out
-
-
-def encode(program: Sequence[Insn]) -> bytes:
-    return b"".join(i.encode() for i in program)
-
-
 # -- the relay program -------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Output:
+class KernelOutput:
     """One output of an offloaded rule, with everything resolved."""
 
     ifindex: int
@@ -207,7 +105,7 @@ class KernelRule:
     port: int
     source: str | None
     mtu: int  # largest IP datagram relayed; longer ones go to user space
-    outputs: tuple[Output, ...] = field(default_factory=tuple)
+    outputs: tuple[KernelOutput, ...] = field(default_factory=tuple)
 
 
 def _raw32(addr: str) -> int:
@@ -258,7 +156,7 @@ def table_key(group: str, port: int, source: str | None) -> bytes:
 TABLE_KEY_SIZE = 12
 
 
-def _headers(a: Asm, ctx: int, short: str) -> None:
+def _headers(a: EbpfAsm, ctx: int, short: str) -> None:
     """r2 = the frame's start, after checking that its Ethernet, IPv4 and
     UDP headers are there (else jump to `short`); r3, r4 clobbered. Again
     after every helper call, which invalidates packet pointers."""
@@ -277,7 +175,7 @@ def dispatch_program(table_fd: int, programs_fd: int) -> list[Insn]:
     index found, in the program array `programs_fd`. Everything else, and
     what no rule takes, goes on untouched (TC_ACT_UNSPEC: to the next filter,
     then the stack)."""
-    a = Asm()
+    a = EbpfAsm()
     ctx = 6
     a.mov_reg(ctx, 1)
     a.load(W, 2, ctx, SKB_VLAN_PRESENT)
@@ -334,7 +232,7 @@ def rule_program(rule: KernelRule, counters_fd: int) -> list[Insn]:
     fix the checksums, count (into slot 0 of `counters_fd`) and send. A
     datagram longer than the smallest output MTU goes on to the stack, and
     from there to the worker, which fragments it."""
-    a = Asm()
+    a = EbpfAsm()
     ctx, saddr, ttlword, slot = 6, 7, 8, 9  # kept across helper calls
     a.mov_reg(ctx, 1)
     _headers(a, ctx, "pass")
@@ -414,7 +312,7 @@ def rule_program(rule: KernelRule, counters_fd: int) -> list[Insn]:
     return a.assemble()
 
 
-def _count(a: Asm, slot: int, off: int) -> None:
+def _count(a: EbpfAsm, slot: int, off: int) -> None:
     a.load(DW, 1, slot, off)
     a.alu(ADD, 1, 1)
     a.store(DW, slot, off, 1)
@@ -424,7 +322,7 @@ def _count(a: Asm, slot: int, off: int) -> None:
     a.store(DW, slot, off + 8, 1)
 
 
-def _diff(a: Asm, dst: int, constant: int, saddr: int, ttlword: int | None) -> None:
+def _diff(a: EbpfAsm, dst: int, constant: int, saddr: int, ttlword: int | None) -> None:
     """dst = fold(constant + ~saddr [+ ~ttlword]), the registers read at run time."""
     a.mov32_reg(dst, saddr)
     a.alu32(XOR, dst, 0xFFFFFFFF)
@@ -441,144 +339,10 @@ def _diff(a: Asm, dst: int, constant: int, saddr: int, ttlword: int | None) -> N
         a.alu_reg(ADD, dst, 1)
 
 
-def _csum(a: Asm, ctx: int, helper: int, offset: int, flags: int) -> None:
+def _csum(a: EbpfAsm, ctx: int, helper: int, offset: int, flags: int) -> None:
     """helper(skb, offset, 0, r4, flags): add the difference in r4."""
     a.mov_reg(1, ctx)
     a.mov(2, offset)
     a.mov(3, 0)
     a.mov(5, flags)
     a.call(helper)
-
-
-# -- bpf(2) ----------------------------------------------------------------
-
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 1, 2, 3, 5
-MAP_TYPE_HASH, MAP_TYPE_PROG_ARRAY, MAP_TYPE_PERCPU_ARRAY = 1, 3, 6
-F_NO_PREALLOC = 1
-PROG_TYPE_SCHED_CLS = 3
-LICENSE = b"Dual MIT/GPL"  # mcrd is MIT; the kernel wants a GPL-compatible string for some helpers
-_SYSCALL = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "riscv64": 280}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    number = _SYSCALL.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"bpf(2) is not known on {platform.machine()}")
-    result = int(_libc.syscall(number, cmd, ctypes.byref(attr), len(attr)))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
-def _attr(*fields: tuple[str, int], size: int = 128) -> ctypes.Array[ctypes.c_char]:
-    buf = ctypes.create_string_buffer(size)
-    offset = 0
-    for fmt, value in fields:
-        width = struct.calcsize("<" + fmt)
-        offset = -(-offset // width) * width  # natural alignment, as the C struct
-        struct.pack_into("<" + fmt, buf, offset, value)
-        offset += width
-    return buf
-
-
-def create_map(kind: int, key_size: int, value_size: int, entries: int, flags: int = 0) -> int:
-    attr = _attr(("I", kind), ("I", key_size), ("I", value_size), ("I", entries), ("I", flags))
-    return _bpf(BPF_MAP_CREATE, attr)
-
-
-def create_table(entries: int) -> int:
-    """The dispatch table: (group, port, source) -> index in the program array."""
-    return create_map(MAP_TYPE_HASH, TABLE_KEY_SIZE, 4, entries, F_NO_PREALLOC)
-
-
-def create_program_array(entries: int) -> int:
-    return create_map(MAP_TYPE_PROG_ARRAY, 4, 4, entries)
-
-
-def create_counters(entries: int, value_size: int) -> int:
-    """A per-CPU array map; returns its file descriptor."""
-    return create_map(MAP_TYPE_PERCPU_ARRAY, 4, value_size, max(entries, 1))
-
-
-def update(fd: int, key: bytes, value: bytes) -> None:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value, len(value))
-    _bpf(
-        BPF_MAP_UPDATE_ELEM,
-        _attr(("I", fd), ("Q", ctypes.addressof(k)), ("Q", ctypes.addressof(v)), ("Q", 0)),
-    )
-
-
-def delete(fd: int, key: bytes) -> None:
-    k = ctypes.create_string_buffer(key, len(key))
-    _bpf(BPF_MAP_DELETE_ELEM, _attr(("I", fd), ("Q", ctypes.addressof(k))))
-
-
-@functools.cache
-def possible_cpus() -> int:
-    """How many per-CPU values a per-CPU map has: the kernel's possible CPUs."""
-    with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    count = 0
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
-
-
-def read_counters(fd: int, entries: int, value_size: int) -> list[list[int]]:
-    """Each slot's 64-bit counters, summed over the CPUs."""
-    cpus = possible_cpus()
-    stride = -(-value_size // 8) * 8
-    value = ctypes.create_string_buffer(stride * cpus)
-    key = ctypes.c_uint32()
-    slots: list[list[int]] = []
-    for n in range(entries):
-        key.value = n
-        attr = _attr(("I", fd), ("Q", ctypes.addressof(key)), ("Q", ctypes.addressof(value)), ("Q", 0))
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
-        words = value_size // 8
-        totals = [0] * words
-        for cpu in range(cpus):
-            for w, v in enumerate(struct.unpack_from(f"<{words}Q", value, cpu * stride)):
-                totals[w] += v
-        slots.append(totals)
-    return slots
-
-
-def load_program(program: Sequence[Insn], name: str) -> int:
-    """Load a tc classifier; returns its file descriptor. A refusal raises
-    OSError with the verifier's last words."""
-    if sys.byteorder != "little":
-        raise OSError(errno.ENOTSUP, "the relay program is written for little-endian machines")
-    code = ctypes.create_string_buffer(encode(program))
-    license_ = ctypes.create_string_buffer(LICENSE)
-    log = ctypes.create_string_buffer(1 << 20)
-
-    def attempt(level: int) -> int:
-        attr = _attr(
-            ("I", PROG_TYPE_SCHED_CLS),
-            ("I", len(program)),
-            ("Q", ctypes.addressof(code)),
-            ("Q", ctypes.addressof(license_)),
-            ("I", level),
-            ("I", len(log) if level else 0),
-            ("Q", ctypes.addressof(log) if level else 0),
-        )
-        struct.pack_into("16s", attr, 48, name.encode()[:15])  # prog_name
-        return _bpf(BPF_PROG_LOAD, attr)
-
-    try:
-        return attempt(0)
-    except OSError:
-        pass
-    try:  # again, for the verifier's reasons
-        return attempt(1)
-    except OSError as exc:
-        text = log.value.decode(errors="replace").strip().splitlines()
-        detail = "; ".join(text[-3:]) if text else ""
-        why = f"the kernel refused the eBPF program: {exc.strerror}" + (f" ({detail})" if detail else "")
-        raise OSError(exc.errno, why) from None
