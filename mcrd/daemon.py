@@ -40,7 +40,8 @@ from mcrd.config import (
     read_rule_file,
     workers_per_input,
 )
-from mcrd.control import Access, Command, ControlServer, Limits, ProtocolError
+from mcrd.control.protocol import PROTOCOL_VERSION, ControlError
+from mcrd.control.server import Access, Command, ControlServer, Limits
 from mcrd.defaults import DEFAULT_CONFIG
 from mcrd.links import LinkMonitor, Snapshot
 from mcrd.logs import setup_logging
@@ -264,10 +265,10 @@ class Relay:
     # -- the rules ---------------------------------------------------------
 
     async def change(self, book: RuleBook) -> None:
-        """Run `book` if it is valid as a whole; ProtocolError with the problems if not."""
+        """Run `book` if it is valid as a whole; ControlError with the problems if not."""
         problems = book.problems()
         if problems:
-            raise ProtocolError("invalid", "; ".join(problems))
+            raise ControlError("invalid", "; ".join(problems))
         self.book = book
         await self.supervisor.apply(book.combined())
 
@@ -275,7 +276,7 @@ class Relay:
         async with self.changes:
             try:
                 await self.change(self.book.with_file(new.rules))
-            except ProtocolError as exc:  # runtime rules changed since the reload was checked
+            except ControlError as exc:  # runtime rules changed since the reload was checked
                 raise ConfigError(new.path, [f"{new.path}: {exc.message}"]) from None
         effective = DaemonSettings.resolve(self.cli, new.daemon)
         logging.getLogger().setLevel(effective.log_level.upper())
@@ -389,7 +390,7 @@ class Relay:
         return {"pong": True, "pid": os.getpid()}
 
     async def cmd_version(self, _: dict[str, Any]) -> Any:
-        return {"version": __version__, "protocol": 1}
+        return {"version": __version__, "protocol": PROTOCOL_VERSION}
 
     async def cmd_list(self, _: dict[str, Any]) -> Any:
         return {"rules": self.supervisor.rule_views(self.book.origin)}
@@ -429,11 +430,11 @@ class Relay:
     async def cmd_add(self, args: dict[str, Any]) -> Any:
         raw = args.get("rule")
         if not isinstance(raw, dict):
-            raise ProtocolError("bad-request", "'rule' must be an object")
+            raise ControlError("bad-request", "'rule' must be an object")
         try:
             spec = RuleSpec.model_validate(raw)
         except ValidationError as exc:
-            raise ProtocolError("invalid", "; ".join(format_validation_errors(exc))) from None
+            raise ControlError("invalid", "; ".join(format_validation_errors(exc))) from None
         async with self.changes:
             await self.change(self.book.with_added(spec))
         log.info("runtime rule %s added: %s", spec.display_name(), spec.key)
@@ -446,15 +447,15 @@ class Relay:
             or not isinstance(ident, str | None)
             or (name is None) == (ident is None)
         ):
-            raise ProtocolError("bad-request", "give exactly one of 'name' and 'id' as a string")
+            raise ControlError("bad-request", "give exactly one of 'name' and 'id' as a string")
         async with self.changes:
             spec = self.book.find(name=name, ident=ident)
             if spec is None:
-                raise ProtocolError(
+                raise ControlError(
                     "not-found", f"no rule {'named ' + repr(name) if name else 'with id ' + repr(ident)}"
                 )
             if self.book.origin(spec) == "file":
-                raise ProtocolError(
+                raise ControlError(
                     "file-rule",
                     f"rule {spec.display_name()!r} comes from {self.reloader.path}: remove it from that file",
                 )
@@ -477,7 +478,7 @@ class Relay:
     async def cmd_config_check(self, args: dict[str, Any]) -> Any:
         text, name = args.get("text"), args.get("path", "<request>")
         if not isinstance(text, str) or not isinstance(name, str):
-            raise ProtocolError("bad-request", "'text' and 'path' must be strings")
+            raise ControlError("bad-request", "'text' and 'path' must be strings")
         path = Path(name)
         try:
             loaded = parse_config(text, path)
@@ -493,7 +494,7 @@ class Relay:
             try:
                 write_atomically(path, dump_rules(runtime, SAVED_HEADER))
             except OSError as exc:
-                raise ProtocolError("io", f"cannot write {path}: {exc.strerror or exc}") from None
+                raise ControlError("io", f"cannot write {path}: {exc.strerror or exc}") from None
             self.book = self.book.marked_saved()
         log.info("saved %d runtime rule(s) to %s", len(runtime), path)
         return {"path": str(path), "rules": len(runtime)}
@@ -504,7 +505,7 @@ class Relay:
     async def cmd_log_level_set(self, args: dict[str, Any]) -> Any:
         level = args.get("level")
         if level not in LOG_LEVELS:
-            raise ProtocolError("bad-request", f"level must be one of {', '.join(LOG_LEVELS)}")
+            raise ControlError("bad-request", f"level must be one of {', '.join(LOG_LEVELS)}")
         logging.getLogger().setLevel(str(level).upper())
         log.warning("log level set to %s", level)
         return {"level": level}
