@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import grp
 import logging
 import os
 import resource
@@ -47,7 +46,7 @@ from mcrd.links import LinkMonitor, Snapshot
 from mcrd.logs import setup_logging
 from mcrd.netio import RingSpec
 from mcrd.notify import Systemd, watchdog_interval
-from mcrd.privdrop import resolve_identity
+from mcrd.privdrop import group_id, resolve_identity
 from mcrd.reload import Reloader, watch_file
 from mcrd.rulebook import SAVED_HEADER, RuleBook, dump_rules, rule_id
 from mcrd.rules import RuleSpec
@@ -117,23 +116,14 @@ def worker_identity(settings: DaemonSettings) -> tuple[int, int]:
     return resolve_identity(user, settings.group)
 
 
-def _gid(name: str | None, key: str) -> int | None:
-    if name is None:
-        return None
-    try:
-        return grp.getgrgid(int(name)).gr_gid if name.isdigit() else grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ValueError(f"no such group {name!r} ({key})") from None
-
-
 def control_access(settings: DaemonSettings, identity: tuple[int, int]) -> Access:
     # mcrd's own user may do everything, unless the workers share it: a
     # compromised worker must not be able to reconfigure the relay.
     own = os.geteuid()
     return Access(
         own_uid=0 if own == identity[0] else own,
-        socket_gid=_gid(settings.socket_group, "socket_group"),
-        admin_gid=_gid(settings.admin_group, "admin_group"),
+        socket_gid=None if settings.socket_group is None else group_id(settings.socket_group, "socket_group"),
+        admin_gid=None if settings.admin_group is None else group_id(settings.admin_group, "admin_group"),
         admin_group=settings.admin_group,
     )
 
