@@ -283,11 +283,15 @@ def show_reload(result: dict[str, Any]) -> str:
     if result["result"] == "rejected":
         return "\n".join(["rejected, running rules kept:", *(f"  {e}" for e in result["errors"])])
     if result["result"] == "unchanged":
-        return f"unchanged ({result['rules']} rule(s))"
-    lines = [f"applied ({result['rules']} rule(s))"]
-    for what in ("added", "removed", "changed"):
-        if result[what]:
-            lines.append(f"  {what}: {', '.join(result[what])}")
+        lines = [f"unchanged ({result['rules']} rule(s))"]
+    else:
+        lines = [f"applied ({result['rules']} rule(s))"]
+        for what in ("added", "removed", "changed", "settings"):
+            if result.get(what):
+                lines.append(f"  {what}: {', '.join(result[what])}")
+    restart = result.get("restart_needed")  # an older mcrd does not send it
+    if restart:
+        lines.append(f"  restart needed for: {', '.join(restart)} (mcrd still runs with the old values)")
     return "\n".join(lines)
 
 
@@ -308,6 +312,8 @@ def show_status(result: dict[str, Any]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
         lines.append(f"reload:  {last['result']} at {when} ({', '.join(last['triggers'])})")
         lines.extend(f"         {e}" for e in last["errors"])
+    if result.get("restart_needed"):
+        lines.append(f"restart: needed for {', '.join(result['restart_needed'])}")
     return "\n".join(lines)
 
 

@@ -1,14 +1,15 @@
-"""The rule book and log rate limiting: pure, no daemon (mcrctl: tests/unit/test_ctl.py)."""
+"""The rule book: sources, origins, conflicts between them, the limit, and
+the domain error a rule set that may not run raises."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mcrd.config import parse_config
-from mcrd.logs import RateLimit
-from mcrd.rulebook import RuleBook, dump_rules, rule_id
+from mcrd.rulebook import RuleBook, RuleSetRejected, dump_rules, rule_id
 
 RULE = (
     '[[rule]]\nname = "{name}"\ninput = {{ interface = "e0", group = "{group}", port = 1 }}\n'
@@ -48,30 +49,14 @@ def test_dumped_rules_load_back_the_same() -> None:
     assert tuple(parse_config(text, Path("saved.toml")).rules) == original
 
 
-def test_repeated_log_messages_are_rate_limited() -> None:
-    now = [0.0]
-    limit = RateLimit(burst=3, window=10.0, clock=lambda: now[0])
-
-    def record(msg: str) -> logging.LogRecord:
-        return logging.LogRecord("mcrd", logging.WARNING, __file__, 1, msg, None, None)
-
-    passed = [limit.filter(record("worker 7 is late")) for _ in range(10)]
-    assert passed == [True] * 3 + [False] * 7
-    assert limit.filter(record("another message"))
-    assert all(limit.filter(record(f"reload {n}: applied")) for n in range(10))  # different texts
-    now[0] = 11.0
-    again = record("worker 7 is late")
-    assert limit.filter(again)
-    assert again.getMessage() == "worker 7 is late (7 identical message(s) suppressed)"
-
-
-def test_changelogs_agree_on_the_version() -> None:
-    import re
-
-    import mcrd
-
-    root = Path(__file__).parent.parent
-    debian = (root / "debian" / "changelog").read_text().splitlines()[0]
-    assert debian.startswith(f"mcrd ({mcrd.__version__})")
-    released = re.findall(r"^## \[(\d[^\]]*)\]", (root / "CHANGELOG.md").read_text(), re.M)
-    assert released[0] == mcrd.__version__
+def test_a_book_that_may_not_run_is_rejected_with_every_problem() -> None:
+    book = RuleBook(file=rules(("a", "239.1.1.1")), max_rules=1)
+    assert book.check() is book
+    (dup,) = rules(("y", "239.1.1.1"))
+    with pytest.raises(RuleSetRejected) as info:
+        book.with_added(dup).check()
+    assert info.value.problems == ["2 rules exceed the limit of 1 (max_rules)"]
+    with pytest.raises(RuleSetRejected) as info:
+        book.with_file(rules(("a", "239.1.1.1")), max_rules=3).with_added(dup).check()
+    assert info.value.problems == ["runtime rule 'y': input e0 239.1.1.1:1 is already used by rule 1 ('a')"]
+    assert book.with_file((), max_rules=5).max_rules == 5 and book.with_file(()).max_rules == 1
