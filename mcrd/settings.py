@@ -109,7 +109,7 @@ class DaemonOptions(BaseModel):
         5.0, gt=0, le=3600.0, description="seconds a control client has to send a complete request"
     )
     runtime_rules: Annotated[Path, Setting(metavar="FILE")] = Field(
-        DEFAULT_RUNTIME_RULES, description="where `mcrctl config save` writes runtime rules; loaded at start"
+        DEFAULT_RUNTIME_RULES, description="where mcrctl config save writes runtime rules; loaded at start"
     )
 
     @field_validator("workers", mode="before")
