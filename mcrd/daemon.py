@@ -24,7 +24,7 @@ from mcrd.control.server import Access
 from mcrd.logs import setup_logging
 from mcrd.netio import RingSpec
 from mcrd.privdrop import group_id, resolve_identity
-from mcrd.rulebook import RuleBook
+from mcrd.rulebook import RuleBook, RuleSetRejected
 from mcrd.service import EX_OK, Service
 from mcrd.settings import (
     DaemonSettings,
@@ -100,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         saved = load_saved(settings.runtime_rules)
         book = RuleBook(
             tuple(loaded.rules), tuple(saved), frozenset(r.key for r in saved), settings.max_rules
-        )
-        problems = book.problems()
-        if problems:
-            raise ConfigError(path, [f"{path}: {p}" for p in problems])
+        ).check()
+    except RuleSetRejected as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        if not args.check:
+            print(f"mcrd: refusing to start: {path} is invalid", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)

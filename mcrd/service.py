@@ -215,6 +215,11 @@ class Service:
         except TimeoutError:
             log.warning("netlink gave no interface list; checking interfaces directly until it does")
 
+    @property
+    def watching(self) -> bool:
+        """Whether the rule file is being followed now."""
+        return self._watcher is not None
+
     def _set_watching(self, on: bool) -> None:
         """Start or stop following the rule file (`watch`, a live setting)."""
         if on and self._watcher is None and not self.stop.is_set():

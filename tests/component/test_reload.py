@@ -325,3 +325,33 @@ def test_command_arguments_are_checked_by_their_models(tmp_path: Path) -> None:
         assert check["valid"] is False and check["errors"][0].startswith("<request>:")
 
     asyncio.run(scenario())
+
+
+def test_watch_is_live_and_a_watched_reload_may_stop_its_own_watcher(tmp_path: Path) -> None:
+    path = tmp_path / "mcr.toml"
+    path.write_text("[daemon]\nwatch = false\n" + A)
+
+    async def scenario() -> None:
+        supervisor = FakeSupervisor()
+        loaded = load_config(path)
+        cli: dict[str, Any] = {"config": path}
+        settings = DaemonSettings.resolve(cli, loaded.daemon)
+        book = RuleBook(tuple(loaded.rules))
+        service = Service(settings, cli, loaded, book, Access(own_uid=0), supervisor, RecordingSystemd())
+        task = asyncio.create_task(service.reloader.run())
+        path.write_text("[daemon]\nwatch = true\n" + A)
+        assert (await service.reloader.request("test")).settings == ["watch"]
+        assert service.watching and service.settings.watch
+        await asyncio.sleep(0.2)  # let the watcher start watching the directory
+        # the watcher now reloads by itself, and this reload turns it off
+        count = service.reloader.count
+        path.write_text("[daemon]\nwatch = false\n" + A + B)
+        async with asyncio.timeout(10):
+            while service.reloader.count == count:
+                await asyncio.sleep(0.05)
+        last = service.reloader.last
+        assert last is not None and last.triggers == ["file changed"] and last.added == ["b"]
+        assert not service.watching and not service.settings.watch
+        task.cancel()
+
+    asyncio.run(scenario())

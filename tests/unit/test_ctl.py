@@ -133,3 +133,40 @@ def test_a_reply_the_formatter_cannot_show_is_an_error_not_a_traceback(
     assert err.startswith("mcrctl: status: unexpected reply from mcrd (KeyError: ") and "--json" in err
     _answering(monkeypatch, {"unexpected": True})
     assert ctl.main(["--socket", "/s", "--json", "status"]) == ctl.EX_OK
+
+
+def test_reload_and_status_say_what_waits_for_a_restart() -> None:
+    applied = {
+        "result": "applied",
+        "rules": 3,
+        "added": ["cam"],
+        "removed": [],
+        "changed": [],
+        "settings": ["log_level"],
+        "restart_needed": ["workers", "ring_size"],
+        "errors": [],
+    }
+    assert ctl.show_reload(applied).splitlines() == [
+        "applied (3 rule(s))",
+        "  added: cam",
+        "  settings: log_level",
+        "  restart needed for: workers, ring_size (mcrd still runs with the old values)",
+    ]
+    unchanged = {"result": "unchanged", "rules": 3, "restart_needed": []}
+    assert ctl.show_reload(unchanged) == "unchanged (3 rule(s))"
+    # an older mcrd sends neither field
+    old = {"result": "applied", "rules": 1, "added": [], "removed": ["x"], "changed": [], "errors": []}
+    assert ctl.show_reload(old) == "applied (1 rule(s))\n  removed: x"
+    status = {
+        "version": "0.1.0",
+        "pid": 7,
+        "config": "/etc/mcr.toml",
+        "config_missing": False,
+        "rules": 1,
+        "active": 1,
+        "pending": 0,
+        "workers": [],
+        "last_reload": None,
+        "restart_needed": ["workers"],
+    }
+    assert ctl.show_status(status).splitlines()[-1] == "restart: needed for workers"
