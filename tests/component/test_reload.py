@@ -15,7 +15,7 @@ import pytest
 from mcrd.commands import Commands
 from mcrd.config import LoadedConfig, load_config, parse_config
 from mcrd.control.protocol import ControlError
-from mcrd.control.server import Access
+from mcrd.control.server import Access, ControlServer, Limits
 from mcrd.links import Link
 from mcrd.notify import Systemd
 from mcrd.reload import Outcome, Reloader
@@ -237,10 +237,12 @@ def test_live_limits_apply_on_reload(tmp_path: Path, root_level: None) -> None:
         assert over.result == "rejected"
         assert over.errors == [f"{path}: 2 rules exceed the limit of 1 (max_rules)"]
         assert service.book.max_rules == 1000 and [r.name for r in service.book.file] == ["a"]
-        path.write_text("[daemon]\nmax_rules = 2\n" + A + B)
+        service.server = ControlServer(tmp_path / "c.sock", {}, Access(own_uid=0))  # not started
+        path.write_text("[daemon]\nmax_rules = 2\nmax_clients = 3\nclient_timeout = 0.5\n" + A + B)
         fits = await service.reloader.request("test")
-        assert fits.result == "applied" and fits.settings == ["max_rules"]
+        assert fits.result == "applied" and fits.settings == ["max_rules", "max_clients", "client_timeout"]
         assert service.book.max_rules == 2 and service.settings.max_rules == 2
+        assert service.server.limits == Limits(max_clients=3, client_timeout=0.5)
         task.cancel()
 
     asyncio.run(scenario())
