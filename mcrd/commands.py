@@ -89,7 +89,7 @@ class Commands:
             "ping": self.ping,
             "version": self.version,
             "status": self.status,
-            "list": self.list,
+            "list": self.list_rules,
             "stats": self.stats,
             "workers": self.workers,
             "config.show": self.config_show,
@@ -111,7 +111,7 @@ class Commands:
     async def version(self, _: dict[str, Any]) -> Any:
         return {"version": __version__, "protocol": PROTOCOL_VERSION}
 
-    async def list(self, _: dict[str, Any]) -> Any:
+    async def list_rules(self, _: dict[str, Any]) -> Any:
         s = self.service
         return {"rules": s.supervisor.rule_views(s.book.origin)}
 
