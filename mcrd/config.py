@@ -1,9 +1,11 @@
-"""The rule file and the daemon's settings.
+"""The rule file: from bytes to validated rules, or to exact errors.
 
-Turns the text of `/etc/mcr.toml` into validated `RuleSpec`s, or into a list of
-errors that each name the file, the line, the rule and the field. Nothing is
-applied here: the caller commits a file only when it loaded without errors.
-Depends on `mcrd.rules` only; no sockets, no processes.
+Turns the text of `/etc/mcr.toml` into validated `RuleSpec`s and its
+`[daemon]` table, or into a list of errors that each name the file, the
+line, the rule and the field. Nothing is applied here: the caller commits a
+file only when it loaded without errors. What the `[daemon]` keys mean, and
+how they combine with flags and the environment, is `mcrd.settings`.
+Depends on `mcrd.rules` and `mcrd.settings` only; no sockets, no processes.
 """
 
 from __future__ import annotations
@@ -13,97 +15,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcrd.defaults import DEFAULT_CONTROL_SOCKET, DEFAULT_RUNTIME_RULES
-from mcrd.rules import RuleSpec, check_rule_set, rule_label
-
-LogLevel = Literal["debug", "info", "warning", "error"]
-
-
-class DaemonOptions(BaseModel):
-    """The `[daemon]` table. Every key can also come from MCRD_<KEY> or a flag."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    control_socket: Path = DEFAULT_CONTROL_SOCKET
-    log_level: LogLevel = "info"
-    #: the user and group workers run as; by default nobody (when mcrd runs as
-    #: root) or mcrd's own user, and that user's primary group
-    user: str | None = None
-    group: str | None = None
-    #: reload when the rule file changes (SIGHUP and `mcrctl reload` work either way)
-    watch: bool = True
-    #: seconds a worker may go without answering before it is killed and restarted
-    worker_timeout: float = Field(default=10.0, ge=1.0, le=3600.0)
-    #: group owning the control socket: its members may use read-only commands
-    socket_group: str | None = None
-    #: group whose members may also change state (add, remove, reload, ...)
-    admin_group: str | None = None
-    #: worker processes per input interface, spread by flow hash (PACKET_FANOUT);
-    #: "auto": 1 on up to 2 cores, else half the cores, at most 4
-    workers: int | Literal["auto"] = "auto"
-    #: relay in the kernel (an eBPF program at tc ingress) the rules that allow it:
-    #: "auto", or "off" for user space only; a rule's own `offload` wins
-    offload: Literal["auto", "off"] = "off"
-    #: MiB of receive ring per worker (TPACKET_V3), 4 to 1024
-    ring_size: int = Field(default=32, ge=4, le=1024)
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _workers(cls, value: Any) -> Any:
-        if value == "auto":
-            return value
-        if isinstance(value, str) and value.strip().isdigit():  # from the environment
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-            raise ValueError(f'must be "auto" or a number of workers from 1 to 64, got {value!r}')
-        return value
-
-    #: rules at most, from the file and added at run time together
-    max_rules: int = Field(default=1000, ge=1, le=100_000)
-    #: control clients connected at once
-    max_clients: int = Field(default=32, ge=1, le=10_000)
-    #: seconds a control client has to send a complete request
-    client_timeout: float = Field(default=5.0, gt=0, le=3600.0)
-    #: where `mcrctl config save` writes runtime rules; loaded at start
-    runtime_rules: Path = DEFAULT_RUNTIME_RULES
-
-
-def workers_per_input(setting: int | Literal["auto"], cores: int | None) -> int:
-    """What `workers = "auto"` means on this machine."""
-    if setting != "auto":
-        return setting
-    cores = cores or 1
-    return 1 if cores <= 2 else min(4, cores // 2)
-
-
-class DaemonSettings(DaemonOptions, BaseSettings):
-    """Effective settings: command line, then environment, then `[daemon]`, then defaults."""
-
-    model_config = SettingsConfigDict(env_prefix="MCRD_", extra="forbid")
-
-    @classmethod
-    def resolve(cls, cli: dict[str, Any], table: DaemonOptions) -> DaemonSettings:
-        file_values = table.model_dump(exclude_unset=True)
-
-        class _Resolved(cls):  # type: ignore[valid-type,misc]
-            @classmethod
-            def settings_customise_sources(
-                cls,
-                settings_cls: type[BaseSettings],
-                init_settings: PydanticBaseSettingsSource,
-                env_settings: PydanticBaseSettingsSource,
-                dotenv_settings: PydanticBaseSettingsSource,
-                file_secret_settings: PydanticBaseSettingsSource,
-            ) -> tuple[PydanticBaseSettingsSource, ...]:
-                return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
-
-        resolved = _Resolved(**{k: v for k, v in cli.items() if v is not None})
-        return cls.model_validate(resolved.model_dump())
+from mcrd.rules import InputSpec, OutputSpec, RateLimit, RuleSpec, check_rule_set, rule_label
+from mcrd.settings import DaemonOptions
 
 
 class RuleFile(BaseModel):
@@ -115,13 +32,21 @@ class RuleFile(BaseModel):
 
 @dataclass
 class LoadedConfig:
+    """A rule file that loaded: its rules, its `[daemon]` table, and the bytes
+    they came from (None when the file does not exist, or for text given
+    directly)."""
+
     path: Path
     rules: list[RuleSpec] = field(default_factory=list)
     daemon: DaemonOptions = field(default_factory=DaemonOptions)
     missing: bool = False
+    raw: bytes | None = None
 
 
 class ConfigError(Exception):
+    """A file that does not load: every error found, each naming the file
+    and, where known, the line."""
+
     def __init__(self, path: Path, errors: list[str]) -> None:
         super().__init__("\n".join(errors))
         self.path = path
@@ -144,7 +69,9 @@ def parse_rule_bytes(raw: bytes, path: Path) -> LoadedConfig:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(path, [f"{path}:{line}: not valid UTF-8"]) from None
-    return parse_config(text, path)
+    loaded = parse_config(text, path)
+    loaded.raw = raw
+    return loaded
 
 
 def load_config(path: Path, *, missing_ok: bool = False) -> LoadedConfig:
@@ -161,6 +88,8 @@ _TOML_POS = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d
 
 
 def parse_config(text: str, path: Path) -> LoadedConfig:
+    """Parse and validate a rule file's text on its own (its rules against
+    each other; not against runtime rules, which is the rule book's job)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -231,9 +160,9 @@ _KEYS: dict[str, list[str]] = {
     "top": list(RuleFile.model_fields),
     "daemon": list(DaemonOptions.model_fields),
     "rule": list(RuleSpec.model_fields),
-    "input": ["interface", "group", "port", "source"],
-    "output": ["interface", "group", "port", "ttl"],
-    "rate_limit": ["pps", "bps"],
+    "input": list(InputSpec.model_fields),
+    "output": list(OutputSpec.model_fields),
+    "rate_limit": list(RateLimit.model_fields),
 }
 
 _TOML_TYPES = {

@@ -4,7 +4,9 @@ Human tables by default, `--json` for scripts. Exit codes: 0 success, 1 the
 daemon answered with an error (or refused the rule, file or command),
 2 usage error, 3 no daemon reachable, 4 `reload` found nothing to change.
 `add` takes MCR's mcrctl options, so its users can move over unchanged.
-Imports nothing heavy: it must start fast.
+
+Imports only the control client, the protocol and the defaults: no asyncio,
+no pydantic, nothing of the daemon's side. It must start fast.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mcrd import __version__
-from mcrd.control import ControlError, call
-from mcrd.defaults import DEFAULT_CONTROL_SOCKET
+from mcrd.control.client import call
+from mcrd.control.protocol import ControlError
+from mcrd.defaults import DEFAULT_CONTROL_SOCKET, LOG_LEVELS
 
 EX_OK, EX_ERROR, EX_USAGE, EX_UNREACHABLE, EX_UNCHANGED = 0, 1, 2, 3, 4
 
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = level.add_subparsers(dest="action", metavar="ACTION", required=True)
     lsub.add_parser("get", parents=[common])
     lset = lsub.add_parser("set", parents=[common])
-    lset.add_argument("level", choices=["debug", "info", "warning", "error"])
+    lset.add_argument("level", choices=LOG_LEVELS)
     return p
 
 
@@ -280,11 +283,15 @@ def show_reload(result: dict[str, Any]) -> str:
     if result["result"] == "rejected":
         return "\n".join(["rejected, running rules kept:", *(f"  {e}" for e in result["errors"])])
     if result["result"] == "unchanged":
-        return f"unchanged ({result['rules']} rule(s))"
-    lines = [f"applied ({result['rules']} rule(s))"]
-    for what in ("added", "removed", "changed"):
-        if result[what]:
-            lines.append(f"  {what}: {', '.join(result[what])}")
+        lines = [f"unchanged ({result['rules']} rule(s))"]
+    else:
+        lines = [f"applied ({result['rules']} rule(s))"]
+        for what in ("added", "removed", "changed", "settings"):
+            if result.get(what):
+                lines.append(f"  {what}: {', '.join(result[what])}")
+    restart = result.get("restart_needed")  # an older mcrd does not send it
+    if restart:
+        lines.append(f"  restart needed for: {', '.join(restart)} (mcrd still runs with the old values)")
     return "\n".join(lines)
 
 
@@ -305,6 +312,8 @@ def show_status(result: dict[str, Any]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
         lines.append(f"reload:  {last['result']} at {when} ({', '.join(last['triggers'])})")
         lines.extend(f"         {e}" for e in last["errors"])
+    if result.get("restart_needed"):
+        lines.append(f"restart: needed for {', '.join(result['restart_needed'])}")
     return "\n".join(lines)
 
 
@@ -369,11 +378,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "stats" and args.watch:
             return watch(path, args.interval, args.json)
         result = call(path, command, request, timeout=30.0)
+        text = json.dumps(result, indent=2) if args.json else SHOW[command](result)
+        code = exit_code(command, result, getattr(args, "unchanged_ok", False))
     except UsageError as exc:
         print(f"mcrctl: {exc}", file=sys.stderr)
         return EX_USAGE
     except ControlError as exc:
-        print(f"mcrctl: {args.command}: {exc}", file=sys.stderr)
+        if exc.code == "bad-reply":
+            print(f"mcrctl: {args.command}: malformed reply from mcrd at {path}: {exc}", file=sys.stderr)
+        else:
+            print(f"mcrctl: {args.command}: {exc}", file=sys.stderr)
         return EX_ERROR
     except (FileNotFoundError, ConnectionRefusedError):
         print(f"mcrctl: mcrd is not running (no daemon at {path})", file=sys.stderr)
@@ -381,11 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError:
         print(f"mcrctl: permission denied on {path}", file=sys.stderr)
         return EX_UNREACHABLE
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         print(f"mcrctl: {path}: {exc}", file=sys.stderr)
         return EX_UNREACHABLE
-    print(json.dumps(result, indent=2) if args.json else SHOW[command](result))
-    return exit_code(command, result, getattr(args, "unchanged_ok", False))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # a reply this mcrctl cannot show (another version of mcrd, or a bug):
+        # say so plainly rather than with a traceback
+        print(
+            f"mcrctl: {args.command}: unexpected reply from mcrd ({type(exc).__name__}: {exc}); "
+            "--json shows it as it came",
+            file=sys.stderr,
+        )
+        return EX_ERROR
+    print(text)
+    return code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ suppressed until the window ends; the next one that passes says how many
 were suppressed. Messages that only share a format string (every reload's
 outcome, say) are different messages and all pass. Keeps a flapping interface or a flood of
 bad control clients from flooding the journal.
+
+Owns the root logger's handler and format. Must not depend on any other
+part of mcrd.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from collections.abc import Callable
 NOISY_LIBRARIES = ("pyroute2", "watchfiles", "asyncio")
 
 
-class RateLimit(logging.Filter):
+class RepeatFilter(logging.Filter):
+    """Lets a burst of one message through per window, then counts what it
+    holds back and says so on the next one that passes."""
+
     def __init__(
         self, burst: int = 5, window: float = 10.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -56,7 +62,7 @@ def setup_logging(level: str) -> None:
     # journald stamps each line itself; elsewhere (a terminal, a test's log) we do.
     stamp = "" if "JOURNAL_STREAM" in os.environ else "%(asctime)s "
     handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RateLimit())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

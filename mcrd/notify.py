@@ -1,7 +1,8 @@
 """systemd's notify protocol (through sdnotify) and the watchdog interval.
 
 Every call is a no-op when mcrd does not run under systemd (no
-NOTIFY_SOCKET), so the daemon calls these unconditionally.
+NOTIFY_SOCKET), so the daemon calls these unconditionally. Owns the
+notify messages' form; must not depend on any other part of mcrd.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def watchdog_interval(environ: Mapping[str, str] = os.environ, pid: int | None =
 
 
 class Systemd:
+    """mcrd's side of sd_notify: READY, RELOADING, STATUS, WATCHDOG and
+    STOPPING, with STATUS= sent only when the text changes."""
+
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None

@@ -5,6 +5,10 @@ unprivileged user with no capabilities (effective, permitted, inheritable,
 ambient and bounding all empty) and no_new_privs, before it reads its first
 message. Works whether the supervisor is root or an unprivileged user holding
 ambient capabilities (as under systemd's AmbientCapabilities=).
+
+Also the one place that looks up users and groups by name or number and
+reads a process's credentials from /proc. Must not depend on asyncio or on
+any other part of mcrd: the worker imports it before it drops privileges.
 """
 
 from __future__ import annotations
@@ -55,11 +59,16 @@ def resolve_identity(user: str, group: str | None) -> tuple[int, int]:
         raise ValueError(f"no such user {user!r}") from None
     if group is None:
         return entry.pw_uid, entry.pw_gid
+    return entry.pw_uid, group_id(group)
+
+
+def group_id(group: str, what: str = "") -> int:
+    """The gid of a group name or number; ValueError naming it (and `what`
+    it was given for) when there is no such group."""
     try:
-        gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ValueError(f"no such group {group!r}") from None
-    return entry.pw_uid, gid
+        raise ValueError(f"no such group {group!r}" + (f" ({what})" if what else "")) from None
 
 
 def drop_privileges(uid: int, gid: int) -> None:
@@ -89,12 +98,23 @@ def drop_privileges(uid: int, gid: int) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+CREDENTIALS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+
+
 def process_credentials(pid: int) -> dict[str, str]:
-    """The identity and capability lines of /proc/PID/status (for status views and tests)."""
-    wanted = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+    """The identity and capability lines of /proc/PID/status; OSError when
+    the process is gone."""
     result = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in wanted:
+        if key in CREDENTIALS:
             result[key] = value.strip()
     return result
+
+
+def process_groups(pid: int) -> set[int]:
+    """The supplementary groups of a process; empty when it is gone."""
+    try:
+        return {int(g) for g in process_credentials(pid).get("Groups", "").split()}
+    except OSError:
+        return set()

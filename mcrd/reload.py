@@ -6,6 +6,10 @@ reload. Each reload reads the file, validates it as a whole and only then
 hands the new rules to `apply`; a file that does not load is rejected and the
 running rules stay exactly as they were. The outcome goes back to every
 caller that asked for it.
+
+The reloader drives a `ReloadTarget` (the daemon's `Service`, or a fake in
+tests) and owns what it has seen of the file. It must not know how rules
+run: it parses, compares, and hands over.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from mcrd.config import ConfigError, LoadedConfig, parse_rule_bytes, read_rule_file
 from mcrd.plan import plan
+from mcrd.rulebook import RuleSetRejected
 from mcrd.rules import RuleSpec
+from mcrd.settings import SettingsChange
 
 log = logging.getLogger("mcrd.reload")
 
@@ -31,6 +37,14 @@ SETTLE = 0.5
 
 @dataclass
 class Outcome:
+    """What one reload did, for every caller that asked and for `status`.
+
+    `result`: applied (something changed), unchanged, or rejected (nothing
+    changed; `errors` says why). `added`/`removed`/`changed`: rules by name.
+    `settings`: `[daemon]` keys now in effect with new values.
+    `restart_needed`: restart-only keys whose new value waits for a restart.
+    """
+
     result: Literal["applied", "unchanged", "rejected"]
     triggers: list[str]
     added: list[str] = field(default_factory=list)
@@ -39,6 +53,8 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
     rules: int = 0
     at: float = field(default_factory=time.time)
+    settings: list[str] = field(default_factory=list)
+    restart_needed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +66,8 @@ class Outcome:
             "errors": self.errors,
             "rules": self.rules,
             "at": self.at,
+            "settings": self.settings,
+            "restart_needed": self.restart_needed,
         }
 
     def describe(self) -> str:
@@ -57,40 +75,61 @@ class Outcome:
             return f"rejected: {self.errors[0]}" + (
                 f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
             )
+        restart = f"restart needed for: {', '.join(self.restart_needed)}" if self.restart_needed else ""
         if self.result == "unchanged":
-            return "unchanged"
+            return "unchanged" + (f"; {restart}" if restart else "")
         parts = [
             f"{what} {', '.join(names)}"
-            for what, names in (("added", self.added), ("removed", self.removed), ("changed", self.changed))
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+                ("settings", self.settings),
+            )
             if names
         ]
-        return "applied: " + ("; ".join(parts) or "settings")
+        text = "applied" + (": " + "; ".join(parts) if parts else "")
+        return text + (f"; {restart}" if restart else "")
 
 
-Apply = Callable[[LoadedConfig], Awaitable[None]]
+class ReloadTarget(Protocol):
+    """What a reload changes: the running daemon, seen from the reloader."""
+
+    def running(self) -> Sequence[RuleSpec]:
+        """The rule file's rules as they run now."""
+        ...
+
+    def check(self, loaded: LoadedConfig) -> SettingsChange:
+        """What taking `loaded` would change in the settings; changes nothing."""
+        ...
+
+    async def apply(self, loaded: LoadedConfig) -> None:
+        """Validate `loaded` against the rule book it will run and run it, as
+        one step; RuleSetRejected (and nothing changed) when it may not run."""
+        ...
+
+    def reloading(self) -> None:
+        """A reload begins (systemd: RELOADING=1)."""
+        ...
+
+    def reloaded(self, outcome: Outcome) -> None:
+        """A reload ended with `outcome` (systemd: READY=1 and STATUS=)."""
+        ...
 
 
 class Reloader:
-    def __init__(
-        self,
-        path: Path,
-        running: Callable[[], list[RuleSpec]],
-        apply: Apply,
-        before: Callable[[], None] = lambda: None,
-        after: Callable[[Outcome], None] = lambda o: None,
-        loaded: LoadedConfig | None = None,
-        check: Callable[[LoadedConfig], list[str]] = lambda loaded: [],
-    ) -> None:
+    """The one funnel for reloads: coalesces requests, runs one reload at a
+    time against its `ReloadTarget`, and answers every request with the
+    `Outcome`. Keeps the last outcome, the count, the last file that loaded
+    and the bytes it last read (`seen`, which the file watcher compares)."""
+
+    def __init__(self, path: Path, target: ReloadTarget, loaded: LoadedConfig | None = None) -> None:
         self.path = path
-        self.running = running
-        self.apply = apply
-        self.before = before
-        self.after = after
-        self.check = check  # problems of the new file together with what else runs
+        self.target = target
         self.last: Outcome | None = None
         self.count = 0  # reloads done
         self.loaded = loaded
-        self.seen: bytes | None = None  # the file's bytes at the last reload, for the watcher
+        self.seen: bytes | None = loaded.raw if loaded is not None else None
         self._queued: asyncio.Future[Outcome] | None = None
         self._triggers: list[str] = []
         self._wake = asyncio.Event()
@@ -118,12 +157,13 @@ class Reloader:
                 outcome = Outcome("rejected", triggers, errors=[f"internal error: {exc}"])
             self.last = outcome
             self.count += 1
-            self.after(outcome)
+            self.target.reloaded(outcome)
             if not future.done():
                 future.set_result(outcome)
 
     async def reload_once(self, triggers: list[str]) -> Outcome:
-        self.before()
+        """Read, parse and compare the file, then apply it if anything changed."""
+        self.target.reloading()
         try:
             raw = read_rule_file(self.path)
             self.seen = raw
@@ -131,25 +171,21 @@ class Reloader:
                 LoadedConfig(self.path, missing=True) if raw is None else parse_rule_bytes(raw, self.path)
             )
         except ConfigError as exc:
-            outcome = Outcome("rejected", triggers, errors=exc.errors)
-            for line in exc.errors:
-                log.error("reload rejected, running rules kept: %s", line)
-            return outcome
-        problems = self.check(loaded)
-        if problems:
-            for line in problems:
-                log.error("reload rejected, running rules kept: %s: %s", self.path, line)
-            return Outcome("rejected", triggers, errors=[f"{self.path}: {p}" for p in problems])
-        diff = plan(self.running(), loaded.rules)
-        settings_changed = self.loaded is None or loaded.daemon != self.loaded.daemon
+            return self._rejected(triggers, exc.errors)
+        settings = self.target.check(loaded)
+        diff = plan(list(self.target.running()), loaded.rules)
         if loaded.missing:
             log.warning("%s does not exist: running with no rules from it", self.path)
         elif not loaded.rules:
             log.warning("%s has no rules", self.path)
-        if diff.empty and not settings_changed:
-            outcome = Outcome("unchanged", triggers, rules=len(loaded.rules))
+        restart_needed = list(settings.restart_needed)
+        if diff.empty and not settings.changes:
+            outcome = Outcome("unchanged", triggers, rules=len(loaded.rules), restart_needed=restart_needed)
         else:
-            await self.apply(loaded)
+            try:
+                await self.target.apply(loaded)
+            except RuleSetRejected as exc:
+                return self._rejected(triggers, [f"{self.path}: {p}" for p in exc.problems])
             summary = diff.summary()
             outcome = Outcome(
                 "applied",
@@ -158,10 +194,17 @@ class Reloader:
                 summary["removed"],
                 summary["changed"],
                 rules=len(loaded.rules),
+                settings=[k for k in (*settings.live, *settings.restart) if k not in restart_needed],
+                restart_needed=restart_needed,
             )
         self.loaded = loaded
         log.info("reload (%s): %s", ", ".join(triggers), outcome.describe())
         return outcome
+
+    def _rejected(self, triggers: list[str], errors: list[str]) -> Outcome:
+        for line in errors:
+            log.error("reload rejected, running rules kept: %s", line)
+        return Outcome("rejected", triggers, errors=errors)
 
 
 async def watch_file(path: Path, reloader: Reloader, stop: asyncio.Event) -> None:
@@ -221,4 +264,6 @@ async def _reload_if_changed(path: Path, reloader: Reloader) -> None:
             again = b"<unreadable>"
         if again != raw:
             return  # it changed again; that change has its own event
-    await reloader.request("file changed")
+    # shielded: a reload may stop this watcher (watch = false), and the
+    # outcome it waits for is shared with every other caller of that reload
+    await asyncio.shield(reloader.request("file changed"))

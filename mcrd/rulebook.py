@@ -18,7 +18,10 @@ removes runtime and saved rules; a file rule is removed by editing the file.
 A saved rule removed at runtime comes back at the next start unless the
 removal is saved too.
 
-Pure: values in, values or error messages out.
+Owns the rule set as a whole: which rules run, where each came from, and
+whether they may run together (`check`, raising `RuleSetRejected`). Pure:
+values in, values or a domain error out; must not depend on the control
+protocol, the reloader or anything that does I/O.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -39,6 +42,20 @@ SAVED_HEADER = """\
 """
 
 
+Origin = Literal["file", "runtime", "saved"]
+ORIGINS: tuple[Origin, ...] = ("file", "runtime", "saved")
+
+
+class RuleSetRejected(Exception):  # noqa: N818 -- an outcome, named as the reload reports it
+    """A rule set that may not run as a whole; `problems` says why, each
+    naming the rule and its source. Each edge maps it once: the control
+    socket to an `invalid` error, a reload to a rejected outcome."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def rule_id(key: RuleKey) -> str:
     """A short identifier for a rule, stable across reloads and restarts."""
     return hashlib.sha1(str(key).encode()).hexdigest()[:8]
@@ -46,16 +63,20 @@ def rule_id(key: RuleKey) -> str:
 
 @dataclass(frozen=True)
 class RuleBook:
+    """The rules mcrd runs, by source: the rule file's, and those added at
+    run time (some of them saved). Immutable: every change makes a new book,
+    which runs only if `check` passes."""
+
     file: tuple[RuleSpec, ...] = ()
     runtime: tuple[RuleSpec, ...] = ()
     saved: frozenset[RuleKey] = field(default_factory=frozenset)
     max_rules: int = 1000
-    newer: str = "runtime"  # which source changed last: a conflict is reported against it
+    newer: Literal["file", "runtime"] = "runtime"  # changed last: a conflict is reported against it
 
     def combined(self) -> list[RuleSpec]:
         return [*self.file, *self.runtime]
 
-    def origin(self, spec: RuleSpec) -> str:
+    def origin(self, spec: RuleSpec) -> Origin:
         if spec.key in {r.key for r in self.runtime}:
             return "saved" if spec.key in self.saved else "runtime"
         return "file"
@@ -77,8 +98,16 @@ class RuleBook:
         ]
         return errors
 
-    def with_file(self, rules: Iterable[RuleSpec]) -> RuleBook:
-        return replace(self, file=tuple(rules), newer="file")
+    def check(self) -> RuleBook:
+        """This book, if it may run; RuleSetRejected with every problem if not."""
+        problems = self.problems()
+        if problems:
+            raise RuleSetRejected(problems)
+        return self
+
+    def with_file(self, rules: Iterable[RuleSpec], max_rules: int | None = None) -> RuleBook:
+        limit = self.max_rules if max_rules is None else max_rules
+        return replace(self, file=tuple(rules), newer="file", max_rules=limit)
 
     def with_added(self, spec: RuleSpec) -> RuleBook:
         return replace(self, runtime=(*self.runtime, spec), newer="runtime")

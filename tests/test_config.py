@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mcrd.config import ConfigError, DaemonOptions, DaemonSettings, load_config, workers_per_input
+from mcrd.config import ConfigError, load_config
 from mcrd.rules import Destination, RuleKey
 
 GOOD_OUT = '{ interface = "eth1", group = "239.2.2.2", port = 6000 }'
@@ -376,35 +376,3 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
     assert load_config(tmp_path / "empty.toml").rules == []
     loaded = load_config(tmp_path / "missing.toml", missing_ok=True)
     assert loaded.missing and loaded.rules == []
-
-
-def test_settings_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    table = DaemonOptions.model_validate({"control_socket": "/from/file", "log_level": "warning"})
-    assert DaemonSettings.resolve({}, table).control_socket == Path("/from/file")
-    monkeypatch.setenv("MCRD_CONTROL_SOCKET", "/from/env")
-    settings = DaemonSettings.resolve({"control_socket": None}, table)
-    assert (settings.control_socket, settings.log_level) == (Path("/from/env"), "warning")
-    settings = DaemonSettings.resolve({"control_socket": Path("/from/flag"), "log_level": "debug"}, table)
-    assert (settings.control_socket, settings.log_level) == (Path("/from/flag"), "debug")
-    assert DaemonSettings.resolve({}, DaemonOptions()).control_socket == Path("/from/env")
-    monkeypatch.delenv("MCRD_CONTROL_SOCKET")
-    assert DaemonSettings.resolve({}, DaemonOptions()).control_socket == Path("/run/mcr/control.sock")
-
-
-def test_workers_and_ring_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert workers_per_input("auto", 2) == 1 and workers_per_input("auto", 1) == 1
-    assert workers_per_input("auto", 8) == 4 and workers_per_input("auto", 6) == 3
-    assert workers_per_input("auto", None) == 1 and workers_per_input(3, 2) == 3
-    assert DaemonOptions.model_validate({"workers": 2, "ring_size": 64}).workers == 2
-    monkeypatch.setenv("MCRD_WORKERS", "3")
-    assert DaemonSettings.resolve({}, DaemonOptions()).workers == 3
-    monkeypatch.chdir(tmp_path)
-    for text, error in [
-        ("[daemon]\nworkers = 0\n", "workers"),
-        ('[daemon]\nworkers = "many"\n', "workers"),
-        ("[daemon]\nring_size = 2\n", "ring_size"),
-    ]:
-        _write(tmp_path, text)
-        with pytest.raises(ConfigError) as info:
-            load_config(Path("bad.toml"))
-        assert any(f"daemon.{error}" in e or error in e for e in info.value.errors), info.value.errors

@@ -1,17 +1,15 @@
-"""mcrctl's command line, the rule book and log rate limiting: pure, no daemon."""
+"""mcrctl's command line, request mapping and output: pure, no daemon."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mcrd.config import parse_config
+from mcrd import ctl
+from mcrd.control.protocol import ControlError
 from mcrd.ctl import UsageError, build_parser, parse_outputs, request_for
-from mcrd.logs import RateLimit
-from mcrd.rulebook import RuleBook, dump_rules, rule_id
 
 
 @pytest.mark.parametrize(
@@ -107,68 +105,68 @@ def test_config_check_reads_the_file(tmp_path: Path) -> None:
         request_for(build_parser().parse_args(["config", "check", str(tmp_path / "none.toml")]))
 
 
-RULE = (
-    '[[rule]]\nname = "{name}"\ninput = {{ interface = "e0", group = "{group}", port = 1 }}\n'
-    'outputs = [ {{ interface = "e1", group = "239.9.9.9" }} ]\n'
-)
+def _answering(monkeypatch: pytest.MonkeyPatch, reply: Any) -> None:
+    def fake_call(path: Path, command: str, args: Any = None, timeout: float = 5.0) -> Any:
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(ctl, "call", fake_call)
 
 
-def rules(*pairs: tuple[str, str]) -> tuple[Any, ...]:
-    text = "".join(RULE.format(name=n, group=g) for n, g in pairs)
-    return tuple(parse_config(text, Path("f.toml")).rules)
+def test_a_malformed_reply_is_not_reported_as_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _answering(monkeypatch, ControlError("bad-reply", "the reply is not valid JSON: boom"))
+    assert ctl.main(["--socket", "/s", "ping"]) == ctl.EX_ERROR
+    assert capsys.readouterr().err == (
+        "mcrctl: ping: malformed reply from mcrd at /s: the reply is not valid JSON: boom\n"
+    )
 
 
-def test_rule_book_sources_and_conflicts() -> None:
-    book = RuleBook(file=rules(("a", "239.1.1.1")), max_rules=3)
-    (extra,) = rules(("x", "239.1.1.2"))
-    book = book.with_added(extra)
-    assert [book.origin(r) for r in book.combined()] == ["file", "runtime"]
-    assert book.problems() == []
-    assert book.marked_saved().origin(extra) == "saved"
-    clash = book.with_file(rules(("a", "239.1.1.1"), ("b", "239.1.1.2")))
-    assert clash.problems() == ["rule 2 ('b'): input e0 239.1.1.2:1 is already used by runtime rule 'x'"]
-    (dup,) = rules(("y", "239.1.1.1"))
-    assert book.with_added(dup).problems() == [
-        "runtime rule 'y': input e0 239.1.1.1:1 is already used by rule 1 ('a')"
+def test_a_reply_the_formatter_cannot_show_is_an_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _answering(monkeypatch, {"unexpected": True})
+    assert ctl.main(["--socket", "/s", "status"]) == ctl.EX_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("mcrctl: status: unexpected reply from mcrd (KeyError: ") and "--json" in err
+    _answering(monkeypatch, {"unexpected": True})
+    assert ctl.main(["--socket", "/s", "--json", "status"]) == ctl.EX_OK
+
+
+def test_reload_and_status_say_what_waits_for_a_restart() -> None:
+    applied = {
+        "result": "applied",
+        "rules": 3,
+        "added": ["cam"],
+        "removed": [],
+        "changed": [],
+        "settings": ["log_level"],
+        "restart_needed": ["workers", "ring_size"],
+        "errors": [],
+    }
+    assert ctl.show_reload(applied).splitlines() == [
+        "applied (3 rule(s))",
+        "  added: cam",
+        "  settings: log_level",
+        "  restart needed for: workers, ring_size (mcrd still runs with the old values)",
     ]
-    (more,) = rules(("z", "239.1.1.3"))
-    (most,) = rules(("w", "239.1.1.4"))
-    assert book.with_added(more).with_added(most).problems() == ["4 rules exceed the limit of 3 (max_rules)"]
-    assert book.find(ident=rule_id(extra.key)) == extra and book.find(name="a") is not None
-    assert book.without(extra).combined() == list(book.file)
-
-
-def test_dumped_rules_load_back_the_same() -> None:
-    original = rules(("a", "239.1.1.1"), ("b", "239.1.1.2"))
-    text = dump_rules(original, "# header\n", {original[0].key: "a note"})
-    assert "# a note\n" in text and text.startswith("# header\n")
-    assert tuple(parse_config(text, Path("saved.toml")).rules) == original
-
-
-def test_repeated_log_messages_are_rate_limited() -> None:
-    now = [0.0]
-    limit = RateLimit(burst=3, window=10.0, clock=lambda: now[0])
-
-    def record(msg: str) -> logging.LogRecord:
-        return logging.LogRecord("mcrd", logging.WARNING, __file__, 1, msg, None, None)
-
-    passed = [limit.filter(record("worker 7 is late")) for _ in range(10)]
-    assert passed == [True] * 3 + [False] * 7
-    assert limit.filter(record("another message"))
-    assert all(limit.filter(record(f"reload {n}: applied")) for n in range(10))  # different texts
-    now[0] = 11.0
-    again = record("worker 7 is late")
-    assert limit.filter(again)
-    assert again.getMessage() == "worker 7 is late (7 identical message(s) suppressed)"
-
-
-def test_changelogs_agree_on_the_version() -> None:
-    import re
-
-    import mcrd
-
-    root = Path(__file__).parent.parent
-    debian = (root / "debian" / "changelog").read_text().splitlines()[0]
-    assert debian.startswith(f"mcrd ({mcrd.__version__})")
-    released = re.findall(r"^## \[(\d[^\]]*)\]", (root / "CHANGELOG.md").read_text(), re.M)
-    assert released[0] == mcrd.__version__
+    unchanged = {"result": "unchanged", "rules": 3, "restart_needed": []}
+    assert ctl.show_reload(unchanged) == "unchanged (3 rule(s))"
+    # an older mcrd sends neither field
+    old = {"result": "applied", "rules": 1, "added": [], "removed": ["x"], "changed": [], "errors": []}
+    assert ctl.show_reload(old) == "applied (1 rule(s))\n  removed: x"
+    status = {
+        "version": "0.1.0",
+        "pid": 7,
+        "config": "/etc/mcr.toml",
+        "config_missing": False,
+        "rules": 1,
+        "active": 1,
+        "pending": 0,
+        "workers": [],
+        "last_reload": None,
+        "restart_needed": ["workers"],
+    }
+    assert ctl.show_status(status).splitlines()[-1] == "restart: needed for workers"

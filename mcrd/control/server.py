@@ -1,16 +1,10 @@
-"""The control protocol: JSON requests and replies on a Unix stream socket.
+"""The server side of the control socket: who may connect, who may do what,
+and one conversation per client, on mcrd's asyncio loop.
 
-Each request is one JSON object on one line:
-    {"version": 1, "command": "stats", "args": {}}
-and gets exactly one reply line:
-    {"version": 1, "ok": true, "result": {...}}
-    {"version": 1, "ok": false, "error": {"code": "unknown-command", "message": "..."}}
-A connection may carry any number of requests in turn. Garbage, an unknown
-command or another protocol version gets an error reply, never a crash; a
-request over MAX_REQUEST bytes gets one and the connection is closed.
-
-`decode_request` and the reply encoders are pure; `ControlServer` and `call`
-are the I/O around them (server side in mcrd, client side in mcrctl).
+Owns the socket file (claiming it from a crashed predecessor, never from a
+live one), peer credentials, access rules and per-client limits. Knows
+nothing of rules or reloads: commands come in as a name -> `Command` map.
+Must not be imported by mcrctl (it pulls in asyncio).
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
@@ -28,60 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mcrd.control")
+from mcrd.control.protocol import MAX_REQUEST, ControlError, decode_request, encode_error, encode_result
+from mcrd.privdrop import process_groups
 
-PROTOCOL_VERSION = 1
-MAX_REQUEST = 1 << 20  # room for `config check` of a large rule file
+log = logging.getLogger("mcrd.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-class ProtocolError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    try:
-        request = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # also absurd nesting or numbers
-        raise ProtocolError("bad-request", f"request is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise ProtocolError("bad-request", "request must be a JSON object")
-    version = request.get("version")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "version",
-            f"protocol version {version!r} is not supported: this mcrd speaks version {PROTOCOL_VERSION}",
-        )
-    command = request.get("command")
-    if not isinstance(command, str):
-        raise ProtocolError("bad-request", "'command' must be a string")
-    args = request.get("args", {})
-    if not isinstance(args, dict):
-        raise ProtocolError("bad-request", "'args' must be an object")
-    return command, args
-
-
-def encode_result(result: Any) -> bytes:
-    return json.dumps({"version": PROTOCOL_VERSION, "ok": True, "result": result}).encode() + b"\n"
-
-
-def encode_error(code: str, message: str) -> bytes:
-    reply = {"version": PROTOCOL_VERSION, "ok": False, "error": {"code": code, "message": message}}
-    return json.dumps(reply).encode() + b"\n"
-
-
 @dataclass(frozen=True)
 class Command:
+    """A command's handler, and whether running it changes mcrd's state
+    (which decides who may)."""
+
     handler: Handler
     changes_state: bool = False
 
 
 @dataclass(frozen=True)
 class Peer:
+    """A connected client, as the kernel vouches for it."""
+
     pid: int
     uid: int
     gids: frozenset[int]
@@ -114,8 +74,12 @@ class Access:
 
 @dataclass(frozen=True)
 class Limits:
+    """How much the clients may take: connections at once, and seconds for a
+    complete request (and for an idle connection). Read per client, so a
+    reload can change them."""
+
     max_clients: int = 32
-    client_timeout: float = 5.0  # for a complete request, and for an idle connection
+    client_timeout: float = 5.0
 
 
 SO_PEERGROUPS = 59
@@ -128,21 +92,16 @@ def peer_of(sock: socket.socket) -> Peer:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # Python's limit: 256 groups
         gids.update(struct.unpack(f"{len(raw) // 4}I", raw))
     except OSError:  # more groups than that, or a kernel before 4.13
-        gids.update(_proc_groups(pid))
+        gids.update(process_groups(pid))
     return Peer(pid, uid, frozenset(gids))
 
 
-def _proc_groups(pid: int) -> set[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return {int(g) for g in line.split()[1:]}
-    except OSError:
-        pass
-    return set()
-
-
 class ControlServer:
+    """mcrd's end of the control socket: answers each request line with one
+    reply line, checking access per command, and turns every failure of a
+    handler into an error reply (ControlError as itself, anything else as
+    `internal`, logged). One client's garbage never affects another."""
+
     def __init__(
         self, path: Path, commands: Mapping[str, Command], access: Access, limits: Limits = Limits()
     ) -> None:
@@ -178,11 +137,10 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.clients += 1
         try:
-            if self.clients > self.limits.max_clients:
-                log.warning("control: refusing a client: %d already connected", self.limits.max_clients)
-                writer.write(
-                    encode_error("busy", f"too many clients: at most {self.limits.max_clients} at once")
-                )
+            limit = self.limits.max_clients
+            if self.clients > limit:
+                log.warning("control: refusing a client: %d already connected", limit)
+                writer.write(encode_error("busy", f"too many clients: at most {limit} at once"))
                 return
             peer = peer_of(writer.get_extra_info("socket"))
             await self._converse(reader, writer, peer)
@@ -197,13 +155,12 @@ class ControlServer:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> None:
         while True:
+            timeout = self.limits.client_timeout
             try:
-                async with asyncio.timeout(self.limits.client_timeout):
+                async with asyncio.timeout(timeout):
                     line = await reader.readuntil(b"\n")
             except TimeoutError:
-                writer.write(
-                    encode_error("timeout", f"no complete request within {self.limits.client_timeout:g}s")
-                )
+                writer.write(encode_error("timeout", f"no complete request within {timeout:g}s"))
                 return
             except asyncio.IncompleteReadError as exc:
                 if exc.partial.strip():
@@ -213,13 +170,13 @@ class ControlServer:
                 writer.write(encode_error("too-large", f"request exceeds {MAX_REQUEST} bytes"))
                 return
             writer.write(await self.dispatch(line, peer))
-            async with asyncio.timeout(self.limits.client_timeout):
+            async with asyncio.timeout(timeout):
                 await writer.drain()
 
     async def dispatch(self, line: bytes, peer: Peer) -> bytes:
         try:
             name, args = decode_request(line)
-        except ProtocolError as exc:
+        except ControlError as exc:
             return encode_error(exc.code, exc.message)
         command = self.commands.get(name)
         if command is None:
@@ -230,7 +187,7 @@ class ControlServer:
             return encode_error("permission-denied", self.access.refusal(name, command.changes_state))
         try:
             return encode_result(await command.handler(args))
-        except ProtocolError as exc:
+        except ControlError as exc:
             return encode_error(exc.code, exc.message)
         except Exception:
             log.exception("control command %r failed", name)
@@ -265,32 +222,3 @@ def claim_socket_path(path: Path, gid: int | None = None) -> None:
         raise OSError(errno.EADDRINUSE, f"another mcrd is already listening on {path}")
     finally:
         probe.close()
-
-
-class ControlError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def call(path: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-    """Send one request and return its result; raise ControlError for an error reply."""
-    request = {"version": PROTOCOL_VERSION, "command": command, "args": args or {}}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        # mcrd may answer and close before reading (busy, too large): read its answer then
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(json.dumps(request).encode() + b"\n")
-
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                raise ControlError("connection", "mcrd closed the connection without a reply")
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        error = reply.get("error", {})
-        raise ControlError(error.get("code", "error"), error.get("message", "request failed"))
-    return reply.get("result")
