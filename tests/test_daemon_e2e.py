@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from mcrd import netio
+from mcrd.bpf_classic import compile_filters
 from mcrd.lab import Lab, Receiver, Sender, inside
-from mcrd.packet import FilterEntry, compile_filters, ip_to_int
+from mcrd.packet import FilterEntry, ip_to_int
 
 from .conftest import Daemon, mcrctl, mcrctl_json, needs_root, wait_until
 

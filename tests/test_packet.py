@@ -8,16 +8,8 @@ import struct
 
 import pytest
 
-from mcrd.packet import (
-    ACCEPT_SNAPLEN,
-    BPF_MAXINSNS,
-    Datagram,
-    FilterEntry,
-    build_filter,
-    compile_filter,
-    ip_to_int,
-    parse,
-)
+from mcrd.bpf_classic import ACCEPT_SNAPLEN, BPF_MAXINSNS, build_filter, compile_filters
+from mcrd.packet import Datagram, FilterEntry, ip_to_int, parse
 
 from .bpf import run_filter
 
@@ -156,9 +148,9 @@ def test_long_filters_resolve_far_jumps_and_degrade_to_fit() -> None:
     assert len(program) > 255  # beyond what an 8-bit conditional jump reaches
     assert run_filter(program, ipv4_udp(dst="239.1.2.87", dport=5000 + 599 % 7), MULTICAST)
     assert not run_filter(program, ipv4_udp(dst="239.1.2.87", dport=5000), MULTICAST)
-    _, precision = compile_filter(many)
+    _, precision = compile_filters(many)[0]
     assert precision == 1 and len(build_filter(many, 1)) <= BPF_MAXINSNS
-    _, precision = compile_filter(FilterEntry(n, 1, None) for n in range(5000))
+    _, precision = compile_filters(FilterEntry(n, 1, None) for n in range(5000))[0]
     assert precision == 0
 
 
@@ -182,7 +174,7 @@ def test_a_thousand_groups_cost_a_few_comparisons_per_packet() -> None:
 
 
 def test_compiled_filter_is_the_kernel_layout() -> None:
-    blob, precision = compile_filter(ENTRIES)
+    blob, precision = compile_filters(ENTRIES)[0]
     assert precision == 2
     assert len(blob) == 8 * len(build_filter(ENTRIES, 2))
     assert struct.unpack_from("=HBBI", blob, len(blob) - 8) == (0x06, 0, 0, 0)
