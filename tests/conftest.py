@@ -1,5 +1,6 @@
 """Shared fixtures: throwaway namespace networks, and the mcrd processes a
-test starts (stopped after it). Helpers to import are in tests/helpers/."""
+test starts (stopped after it). Helpers to import are in tests/helpers/;
+strict mode (a skip fails) is tests/helpers/strict.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lab.net import Lab
 from tests.helpers.daemon import Daemon, Net, needs_root
 
 __all__ = ["needs_root"]  # test_ebpf.py imports it from here
+pytest_plugins = ["tests.helpers.strict"]
 
 
 @pytest.fixture
