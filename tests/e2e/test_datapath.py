@@ -15,8 +15,7 @@ import pytest
 
 from lab.net import Receiver, TrafficSender, make_payload, run
 from tests.helpers.daemon import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
-
-from .test_relay import BASIC, assert_stream
+from tests.helpers.streams import BASIC, assert_stream
 
 pytestmark = [needs_root, pytest.mark.netns]
 

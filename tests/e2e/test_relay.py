@@ -22,6 +22,7 @@ import pytest
 from lab.net import Receiver, TrafficSender, inside, make_payload, run
 from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 from tests.helpers.packets import ipv4_udp
+from tests.helpers.streams import BASIC, assert_stream
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -41,35 +42,6 @@ def offload(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, net
         for dev in ("out0", "out1"):
             run("ip", "netns", "exec", net.relay, "ethtool", "-K", dev, "tx", "off")
     return mode
-
-
-def assert_stream(
-    rx: Receiver, stream: int, count: int, group: str, port: int, ttl: int | None = None, *, offload: str
-) -> None:
-    """`rx` got datagrams 0..count-1 of `stream`, intact, in order, to `group`:`port`
-    (with `ttl`), none with a bad checksum; with `offload` "auto", every
-    checksum must be verifiable (the kernel's rewriting must leave them right)."""
-    assert rx.wait_for(lambda a: len(rx.seqs(stream)) >= count), (
-        f"{group}:{port} got {len(rx.seqs(stream))} of {count} datagrams of stream {stream}"
-    )
-    if rx.tap is not None:
-        assert rx.tap.bad == 0, f"{rx.tap.bad} datagrams with a bad IP or UDP checksum"
-        if offload == "auto":
-            assert rx.tap.good >= count, f"only {rx.tap.good} checksums verified of {count}"
-    assert rx.seqs(stream) == list(range(count)), "datagrams lost, reordered or duplicated"
-    for arrival in rx.arrivals:
-        assert arrival.stream_seq is not None, f"corrupted payload {arrival.payload[:32]!r}"
-        assert (arrival.group, arrival.port) == (group, port)
-        if ttl is not None:
-            assert arrival.ttl == ttl
-
-
-BASIC = """
-[[rule]]
-name = "camera"
-input = { interface = "in0", group = "239.1.1.1", port = 5000 }
-outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
-"""
 
 
 def test_multicast_to_multicast_rewrites_group_and_port(
