@@ -157,11 +157,8 @@ def test_who_may_read_and_who_may_change(
         config,
         tmp_path,
         socket=public_dir / "run" / "control.sock",
-        env={
-            "MCRD_SOCKET_GROUP": readers,
-            "MCRD_ADMIN_GROUP": admins,
-            "MCRD_RUNTIME_RULES": str(tmp_path / "runtime.toml"),
-        },
+        env={"MCRD_SOCKET_GROUP": readers, "MCRD_ADMIN_GROUP": admins},
+        runtime_rules=tmp_path / "runtime.toml",
     )
     daemons.append(daemon)
     daemon.start()
