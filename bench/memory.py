@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrd.demo import spawn_mcrd, wait_ready
-from mcrd.lab import Lab, descendants
+from lab.launch import McrdProcess, descendants
+from lab.net import Lab
 
 
 def pss_kib(pid: int) -> tuple[int, int]:
@@ -60,9 +59,10 @@ def measure(lab: Lab, relay: str, workdir: Path, count: int, workers: int) -> di
     config.write_text(rules_text(count, workers))
     sock = workdir / "control.sock"
     began = time.monotonic()
-    proc = spawn_mcrd(relay, config, sock, quiet=True)
+    mcrd = McrdProcess(relay, config, sock, quiet=True, runtime_rules=workdir / "runtime.toml")
     try:
-        wait_ready(sock, proc)
+        proc = mcrd.spawn()
+        mcrd.wait_ready()
         ready = time.monotonic() - began
         time.sleep(1.5)  # a stats sample or two: the steady state
         supervisor, _ = pss_kib(proc.pid)
@@ -76,8 +76,7 @@ def measure(lab: Lab, relay: str, workdir: Path, count: int, workers: int) -> di
         )
         reload = time.monotonic() - t0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        mcrd.stop(20)
     return {
         "ready": ready,
         "reload": reload,

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mcrd.demo import spawn_mcrd, wait_ready
-from mcrd.lab import Lab, descendants
+from lab.launch import McrdProcess
+from lab.net import Lab
 
 HERE = Path(__file__).resolve().parent
 LOSS = 0.001
@@ -124,7 +124,7 @@ class Mcrd(Relay):
     name = "mcrd"
 
     def __init__(self, workdir: Path, rules: int = 1, offload: bool = False) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.mcrd: McrdProcess | None = None
         self.dir = workdir
         self.rules = rules
         self.offload = offload
@@ -155,17 +155,17 @@ class Mcrd(Relay):
             )
         config.write_text(text)
         sock = self.dir / "control.sock"
-        self.proc = spawn_mcrd(net.relay, config, sock, quiet=True, cpu=RELAY_CPU)
-        wait_ready(sock, self.proc)
+        runtime = self.dir / "runtime.toml"
+        self.mcrd = McrdProcess(net.relay, config, sock, quiet=True, runtime_rules=runtime, cpu=RELAY_CPU)
+        self.mcrd.start()
 
     def pids(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)] if self.proc is not None else []
+        return self.mcrd.pids() if self.mcrd is not None else []
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-            self.proc = None
+        if self.mcrd is not None:
+            self.mcrd.stop(10)
+            self.mcrd = None
 
 
 class Socat(Relay):

@@ -13,7 +13,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mcrd.packet import FilterEntry, compile_filters, drop_all_filter
+from mcrd.bpf_classic import compile_filters, drop_all_filter
+from mcrd.packet import FilterEntry
 
 ETH_P_IP = 0x0800
 SOL_PACKET = 263

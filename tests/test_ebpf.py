@@ -21,18 +21,10 @@ import pytest
 from mcrd.offload import asm, bpf, programs
 
 from .conftest import needs_root
+from .helpers.packets import eth_frame, inet_checksum, ipv4_udp
 
 BPF_PROG_TEST_RUN = 10
 TC_ACT_REDIRECT = 7
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(int(word) for word in struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def frame(
@@ -49,29 +41,32 @@ def frame(
     dst_mac: str = "01005e010101",
 ) -> bytes:
     """An Ethernet frame with a valid IPv4/UDP datagram (unless told otherwise)."""
-    options = b"\x01" * (4 * (ihl - 5))
-    udp_len = 8 + len(payload)
-    total = 4 * ihl + udp_len + length_delta
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
-    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, frag, ttl, 17, 0, s, d) + options
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-    udp = struct.pack("!HHHH", 40000, dport, udp_len, 0) + payload
-    if udp_checksum:
-        pseudo = s + d + struct.pack("!BBH", 0, 17, udp_len)
-        udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
-    eth = bytes.fromhex(dst_mac) + bytes.fromhex("020000000001") + b"\x08\x00"
-    return eth + ip + udp
+    total = 4 * ihl + 8 + len(payload) + length_delta
+    packet = ipv4_udp(
+        payload,
+        src=src,
+        dst=dst,
+        sport=40000,
+        dport=dport,
+        ttl=ttl,
+        frag=frag,
+        ihl=ihl,
+        total=total,
+        ip_checksum=True,
+        udp_checksum=udp_checksum,
+    )
+    return eth_frame(packet, dst_mac=dst_mac)
 
 
 def valid(pkt: bytes) -> bool:
     ip = pkt[14:34]
     udp = pkt[34:]
-    if checksum(ip) != 0:
+    if inet_checksum(ip) != 0:
         return False
     if udp[6:8] == b"\0\0":
         return True
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, len(udp))
-    return checksum(pseudo + udp) == 0
+    return inet_checksum(pseudo + udp) == 0
 
 
 OUT_A = programs.KernelOutput(

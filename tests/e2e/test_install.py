@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Lab, Receiver, Sender
-
-from .conftest import needs_root, wait_until
+from lab.net import Lab, Receiver, TrafficSender
+from tests.helpers.daemon import needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns, pytest.mark.install]
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parent.parent.parent
 SUITE = os.environ.get("MCRD_TEST_SUITE", "trixie")
 MIRROR = os.environ.get("MCRD_TEST_MIRROR", "http://deb.debian.org/debian")
 DEPENDENCIES = [
@@ -262,7 +261,7 @@ def relays(lab: Lab, group: str, stream: int) -> bool:
     src, dst = lab.namespaces[0], lab.namespaces[1]
     rx = Receiver(dst, group, 6000, "eth0")
     try:
-        Sender(src, "eth0").stream("239.1.1.1", 5000, stream=stream, count=100, rate=1000)
+        TrafficSender(src, "eth0").stream("239.1.1.1", 5000, stream=stream, count=100, rate=1000)
         return rx.wait_for(lambda a: len(rx.seqs(stream)) == 100, timeout=5)
     finally:
         rx.close()

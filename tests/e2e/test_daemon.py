@@ -12,21 +12,13 @@ from typing import Any
 
 import pytest
 
+from lab.net import Lab, Receiver, TrafficSender, inside
 from mcrd import netio
-from mcrd.lab import Lab, Receiver, Sender, inside
-from mcrd.packet import FilterEntry, compile_filters, ip_to_int
-
-from .conftest import Daemon, mcrctl, mcrctl_json, needs_root, wait_until
+from mcrd.bpf_classic import compile_filters
+from mcrd.packet import FilterEntry, ip_to_int
+from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
-
-
-@pytest.fixture
-def net(lab: Lab) -> tuple[Lab, str, str, str]:
-    src, relay, dst = lab.netns("src"), lab.netns("relay"), lab.netns("dst")
-    lab.link(src, "eth0", relay, "in0", "192.0.2.10/24", "192.0.2.1/24")
-    lab.link(relay, "out0", dst, "eth0", "198.51.100.1/24", "198.51.100.2/24")
-    return lab, src, relay, dst
 
 
 RULES = """
@@ -45,20 +37,8 @@ outputs = [ { interface = "out0", group = "239.2.2.4", port = 6000 } ]
 """
 
 
-def _daemon(relay: str, tmp_path: Path, daemons: list[Daemon], rules: str | None) -> Daemon:
-    config = tmp_path / "mcr.toml"
-    if rules is not None:
-        config.write_text(rules)
-    daemon = Daemon(relay, config, tmp_path)
-    daemons.append(daemon)
-    return daemon
-
-
-def test_missing_interfaces_leave_the_rest_relaying(
-    net: tuple[Lab, str, str, str], tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    _, src, relay, dst = net
-    daemon = _daemon(relay, tmp_path, daemons, RULES).start(wait_active=False)
+def test_missing_interfaces_leave_the_rest_relaying(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = start_mcrd(net, tmp_path, daemons, RULES, all_active=False)
 
     def listed() -> dict[str, Any]:
         return {r["name"]: r for r in mcrctl_json(daemon.socket, "list")["rules"]}
@@ -75,8 +55,8 @@ def test_missing_interfaces_leave_the_rest_relaying(
     assert "pending (no interface named 'nosuch0')" in listing
     assert "[pending: no interface named 'gone9']" in listing
 
-    rx = Receiver(dst, "239.2.2.2", 6000, "eth0")
-    Sender(src, "eth0").stream("239.1.1.1", 5000, stream=1, count=200)
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=200)
     assert rx.wait_for(lambda a: len(rx.seqs(1)) == 200)
     assert rx.seqs(1) == list(range(200))
     status = mcrctl(daemon.socket, "status").stdout
@@ -84,15 +64,12 @@ def test_missing_interfaces_leave_the_rest_relaying(
 
 
 def test_sigterm_stops_workers_leaves_groups_and_removes_the_socket(
-    net: tuple[Lab, str, str, str], tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    _, _, relay, _ = net
-    daemon = _daemon(
-        relay, tmp_path, daemons, RULES.split('[[rule]]\nname = "absent"', maxsplit=1)[0]
-    ).start()
+    daemon = start_mcrd(net, tmp_path, daemons, RULES.split('[[rule]]\nname = "absent"', maxsplit=1)[0])
     (worker,) = mcrctl_json(daemon.socket, "workers")["workers"]
     groups = subprocess.run(
-        ["ip", "-n", relay, "maddr", "show", "dev", "in0"], capture_output=True, text=True, check=True
+        ["ip", "-n", net.relay, "maddr", "show", "dev", "in0"], capture_output=True, text=True, check=True
     ).stdout
     assert "239.1.1.1" in groups
     began = time.monotonic()
@@ -101,17 +78,14 @@ def test_sigterm_stops_workers_leaves_groups_and_removes_the_socket(
     assert not daemon.socket.exists()
     assert not Path(f"/proc/{worker['pid']}").exists()
     groups = subprocess.run(
-        ["ip", "-n", relay, "maddr", "show", "dev", "in0"], capture_output=True, text=True, check=True
+        ["ip", "-n", net.relay, "maddr", "show", "dev", "in0"], capture_output=True, text=True, check=True
     ).stdout
     assert "239.1.1.1" not in groups
     assert "stopping" in daemon.log.read_text()
 
 
-def test_missing_rule_file_runs_with_no_rules(
-    net: tuple[Lab, str, str, str], tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    _, _, relay, _ = net
-    daemon = _daemon(relay, tmp_path, daemons, None).start()
+def test_missing_rule_file_runs_with_no_rules(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon = start_mcrd(net, tmp_path, daemons, None)
     status = mcrctl_json(daemon.socket, "status")
     assert status["config_missing"] and status["rules"] == 0
     assert mcrctl(daemon.socket, "list").stdout.strip() == "no rules"
@@ -119,10 +93,9 @@ def test_missing_rule_file_runs_with_no_rules(
 
 
 def test_a_second_daemon_on_the_same_socket_is_refused(
-    net: tuple[Lab, str, str, str], tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    _, _, relay, _ = net
-    daemon = _daemon(relay, tmp_path, daemons, "").start()
+    daemon = start_mcrd(net, tmp_path, daemons, "")
     second = subprocess.run(
         [
             sys.executable,
@@ -149,12 +122,11 @@ BASIC = RULES.split('[[rule]]\nname = "absent"', maxsplit=1)[0].replace(
 
 
 def test_mcrctl_commands_and_bad_clients_while_relaying(
-    net: tuple[Lab, str, str, str], tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    _, src, relay, dst = net
-    daemon = _daemon(relay, tmp_path, daemons, BASIC).start()
-    rx = Receiver(dst, "239.2.2.2", 6000, "eth0")
-    tx = Sender(src, "eth0")
+    daemon = start_mcrd(net, tmp_path, daemons, BASIC)
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     half = 400
     tx.stream("239.1.1.1", 5000, stream=1, count=half)
     # Garbage, truncated, oversized and abandoned requests, and many clients.
@@ -207,11 +179,14 @@ FEW = [FilterEntry(ip_to_int("239.1.1.1"), 5000, ip_to_int("192.0.2.10"))]
 
 def test_the_kernel_accepts_filters_of_every_precision(lab: Lab) -> None:
     ns = lab.netns("filters")
+    covered = set()
     with inside(ns):
         for entries in (FEW, MANY):
-            for blob, _precision in compile_filters(entries):
+            for blob, precision in compile_filters(entries):
                 with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0) as sock:
-                    netio.attach_filter(sock, blob)
+                    netio.attach_filter(sock, blob)  # raises if the kernel refuses it
+                covered.add(int(precision))
+    assert covered == {0, 1, 2}, "not every precision was tried"
 
 
 def test_filters_fall_back_when_socket_memory_is_tight(lab: Lab) -> None:

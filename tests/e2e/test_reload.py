@@ -1,7 +1,7 @@
 """End to end: hot reload, systemd notify and watchdog, interfaces that come and go.
 
 Uses the topology of the relay tests (src -> relay -> dst1 / dst2, see
-conftest.Net). Every wait is on an event: a reload outcome, a notify message,
+tests/helpers/daemon.py, Net). Every wait is on an event: a reload outcome, a notify message,
 a datagram, a rule's state.
 """
 
@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, collecting, make_payload
-
-from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
+from lab.net import Receiver, TrafficSender, collecting, make_payload
+from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -97,7 +96,7 @@ def test_unchanged_flow_loses_nothing_over_fifty_rewrites(
     daemon = start_mcrd(net, tmp_path, daemons, x_rule() + other_rules(0))
     old = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     new = Receiver(net.dst1, "239.2.2.3", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     stop = threading.Event()
     sent: list[int] = []
     sender = threading.Thread(
@@ -147,7 +146,7 @@ def test_each_save_style_is_applied_within_a_second(
     assert elapsed < 1.0, f"{style} save took {elapsed:.2f}s to apply"
     assert wait_reload(daemon, count)["result"] == "applied"
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=2, count=50)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=2, count=50)
     assert rx.wait_for(lambda a: len(rx.seqs(2)) == 50)
 
 
@@ -180,7 +179,7 @@ def test_a_broken_file_changes_nothing_and_the_fix_applies(
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, x_rule())
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     stop = threading.Event()
     sent: list[int] = []
     sender = threading.Thread(
@@ -296,7 +295,7 @@ class NotifyListener:
 def test_systemd_notify_and_watchdog(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
     listener = NotifyListener(tmp_path / "notify.sock")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     config = tmp_path / "mcr.toml"
     config.write_text(x_rule())
     daemon = Daemon(
@@ -306,7 +305,7 @@ def test_systemd_notify_and_watchdog(net: Net, tmp_path: Path, daemons: list[Dae
         env={"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "1000000", "MCRD_WORKER_TIMEOUT": "60"},
     )
     daemons.append(daemon)
-    daemon.start(wait_active=False)
+    daemon.start(all_active=False)
     ready = listener.wait_for("READY", "1")
     # READY means relaying: what is sent now is relayed, with no further wait.
     assert all(r["state"] == "active" for r in mcrctl_json(daemon.socket, "list")["rules"])
@@ -366,7 +365,7 @@ def test_a_hung_worker_is_killed_and_restarted(net: Net, tmp_path: Path, daemons
     wait_until(replaced, timeout=15, what="the hung worker to be replaced")
     assert "has not answered for 2s; killing it" in daemon.log.read_text()
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=6, count=100)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=6, count=100)
     assert rx.wait_for(lambda a: len(rx.seqs(6)) == 100)
 
 
@@ -386,7 +385,7 @@ outputs = [
   { interface = "out2", group = "239.2.2.9", port = 6000 },
 ]
 """,
-        wait_active=False,
+        all_active=False,
     )
 
     def state() -> tuple[str, str]:
@@ -405,7 +404,7 @@ outputs = [
         lab.link(net.src, "eth1", net.relay, "in1", "198.51.100.130/25", "198.51.100.129/25")
 
     def send_and_check(stream: int) -> None:
-        Sender(net.src, "eth1").stream("239.1.1.1", 5000, stream=stream, count=100)
+        TrafficSender(net.src, "eth1").stream("239.1.1.1", 5000, stream=stream, count=100)
         assert rx.wait_for(lambda a: len(rx.seqs(stream)) == 100), f"stream {stream} was not relayed"
         assert rx.seqs(stream) == list(range(100))
 
@@ -423,14 +422,14 @@ outputs = [
     lab.link(net.relay, "out2", dst3, "eth0", "203.0.113.129/25", "203.0.113.130/25")
     wait_until(lambda: outputs() == ["active", "active"], what="the late output")
     rx3 = Receiver(dst3, "239.2.2.9", 6000, "eth0")
-    Sender(net.src, "eth1").stream("239.1.1.1", 5000, stream=12, count=50)
+    TrafficSender(net.src, "eth1").stream("239.1.1.1", 5000, stream=12, count=50)
     assert rx3.wait_for(lambda a: len(rx3.seqs(12)) == 50)
     lab.ip(net.relay, "link", "del", "out2")
     wait_until(lambda: outputs() == ["active", "pending"], what="the output to go pending")
     lab.link(net.relay, "out2", dst3, "eth0", "203.0.113.129/25", "203.0.113.130/25")
     wait_until(lambda: outputs() == ["active", "active"], what="the output to come back")
     rx3b = Receiver(dst3, "239.2.2.9", 6000, "eth0")
-    Sender(net.src, "eth1").stream("239.1.1.1", 5000, stream=13, count=50)
+    TrafficSender(net.src, "eth1").stream("239.1.1.1", 5000, stream=13, count=50)
     assert rx3b.wait_for(lambda a: len(rx3b.seqs(13)) == 50), "the replaced output was not reopened"
 
     lab.ip(net.relay, "link", "set", "out0", "down")
@@ -456,7 +455,7 @@ def test_a_removed_file_means_no_rules_until_it_returns(
     assert wait_reload(daemon, count + 1)["added"] == ["x"]
     wait_until(daemon.all_active, what="the restored rule")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=7, count=50)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=7, count=50)
     assert rx.wait_for(lambda a: len(rx.seqs(7)) == 50)
 
 
@@ -486,7 +485,7 @@ outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     net.lab.ip(net.relay, "addr", "add", "192.0.2.77/32", "dev", "in0")
     wait_until(held, what="mcrd to hold the port of the new address")
-    tx = Sender(net.src, "eth0", ttl=64)
+    tx = TrafficSender(net.src, "eth0", ttl=64)
     tx.sock.connect(("192.0.2.77", 5000))
     for n in range(50):
         tx.sock.send(make_payload(8, n))

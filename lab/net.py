@@ -1,7 +1,8 @@
-"""Throwaway networks of namespaces and veth pairs, with senders and receivers.
+"""Throwaway networks of namespaces and veth pairs, with traffic senders and receivers.
 
-Used by the demo (`python -m mcrd.demo`), the end-to-end tests and the
+Used by the demo (`python -m lab.demo`), the end-to-end tests and the
 benchmarks, so that all three build networks the same way. Needs root.
+Not part of the installed package: it runs from a checkout.
 Everything a `Lab` creates carries its unique tag and is removed by
 `close()` (also on failure: use it as a context manager).
 
@@ -25,10 +26,11 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
 from pyroute2 import netns as pr_netns
+
+from lab.packets import inet_checksum
 
 _counter = itertools.count()
 
@@ -84,15 +86,6 @@ class Arrival:
         return check_payload(self.payload)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 class ChecksumTap:
     """Captures the IPv4/UDP frames to `port` arriving on an interface and
     verifies their IP and UDP checksums as they are on the wire. A frame
@@ -127,7 +120,7 @@ class ChecksumTap:
             dport, ulen, csum = struct.unpack_from("!HHH", data, ihl + 2)
             if dport != self.port:
                 continue
-            if _checksum(data[:ihl]) != 0:
+            if inet_checksum(data[:ihl]) != 0:
                 self.bad += 1
             elif status & self.TP_STATUS_CSUMNOTREADY:
                 self.unverifiable += 1
@@ -135,7 +128,7 @@ class ChecksumTap:
                 self.good += 1  # no UDP checksum: allowed on IPv4
             else:
                 pseudo = data[12:20] + struct.pack("!BBH", 0, 17, ulen)
-                if _checksum(pseudo + data[ihl : ihl + ulen]) == 0:
+                if inet_checksum(pseudo + data[ihl : ihl + ulen]) == 0:
                     self.good += 1
                 else:
                     self.bad += 1
@@ -231,7 +224,9 @@ def collecting(*receivers: Receiver) -> Iterator[None]:
             r.poll(0)
 
 
-class Sender:
+class TrafficSender:
+    """Sends test payloads from a namespace's interface, as an application would."""
+
     def __init__(self, ns: str, interface: str, ttl: int = 1, source: str | None = None) -> None:
         with inside(ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -368,20 +363,3 @@ class Lab:
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         self.namespaces.clear()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (mcrd's workers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found

@@ -15,25 +15,23 @@ import os
 import shutil
 import signal
 import socket
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, inside, make_payload, run
-
-from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
+from lab.net import Receiver, TrafficSender, inside, make_payload, run
+from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
+from tests.helpers.packets import ipv4_udp
+from tests.helpers.streams import BASIC, assert_stream
 
 pytestmark = [needs_root, pytest.mark.netns]
 
-OFFLOAD = {"mode": "off"}
-
 
 @pytest.fixture(autouse=True, params=["off", "auto"], ids=["user", "kernel"])
-def offload(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, net: Net) -> Iterator[str]:
+def offload(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, net: Net) -> str:
     """Every test here runs twice: relayed in user space, and with offload
-    on, where the kernel relays what it can (the same assertions hold)."""
+    on, where the kernel relays what it can (the same assertions hold).
+    Gives the mode ("off" or "auto") to the tests that ask for it."""
     mode = str(request.param)
     if mode == "auto":
         if shutil.which("ethtool") is None:
@@ -43,52 +41,24 @@ def offload(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, net
         # verify on the wire what the kernel's rewriting left.
         for dev in ("out0", "out1"):
             run("ip", "netns", "exec", net.relay, "ethtool", "-K", dev, "tx", "off")
-    OFFLOAD["mode"] = mode
-    yield mode
-    OFFLOAD["mode"] = "off"
-
-
-def assert_stream(
-    rx: Receiver, stream: int, count: int, group: str, port: int, ttl: int | None = None
-) -> None:
-    assert rx.wait_for(lambda a: len(rx.seqs(stream)) >= count), (
-        f"{group}:{port} got {len(rx.seqs(stream))} of {count} datagrams of stream {stream}"
-    )
-    if rx.tap is not None:
-        assert rx.tap.bad == 0, f"{rx.tap.bad} datagrams with a bad IP or UDP checksum"
-        if OFFLOAD["mode"] == "auto":
-            assert rx.tap.good >= count, f"only {rx.tap.good} checksums verified of {count}"
-    assert rx.seqs(stream) == list(range(count)), "datagrams lost, reordered or duplicated"
-    for arrival in rx.arrivals:
-        assert arrival.stream_seq is not None, f"corrupted payload {arrival.payload[:32]!r}"
-        assert (arrival.group, arrival.port) == (group, port)
-        if ttl is not None:
-            assert arrival.ttl == ttl
-
-
-BASIC = """
-[[rule]]
-name = "camera"
-input = { interface = "in0", group = "239.1.1.1", port = 5000 }
-outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
-"""
+    return mode
 
 
 def test_multicast_to_multicast_rewrites_group_and_port(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0", ttl=16)
+    tx = TrafficSender(net.src, "eth0", ttl=16)
     tx.stream("239.1.1.1", 5000, stream=1, count=500, size=200)
-    assert_stream(rx, 1, 500, "239.2.2.2", 6000, ttl=1)
+    assert_stream(rx, 1, 500, "239.2.2.2", 6000, ttl=1, offload=offload)
     assert all(a.source == "198.51.100.1" for a in rx.arrivals)
     assert all(len(a.payload) == 200 for a in rx.arrivals)
     stats = daemon.rule_stats("camera")
     assert stats["packets"] == 500 and stats["bytes"] == 500 * 200
     assert stats["outputs"][0]["packets"] == 500 and stats["outputs"][0]["errors"] == 0
     (rule,) = mcrctl_json(daemon.socket, "list")["rules"]
-    assert rule["path"] == ("kernel" if OFFLOAD["mode"] == "auto" else "user"), rule
+    assert rule["path"] == ("kernel" if offload == "auto" else "user"), rule
 
 
 FANOUT = """
@@ -104,21 +74,21 @@ outputs = [
 
 
 def test_fan_out_to_three_outputs_on_two_interfaces_including_unicast(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, FANOUT)
     rx1 = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     rx2 = Receiver(net.dst2, "239.3.3.3", 6001, "eth0")
     rx3 = Receiver(net.dst1, "198.51.100.2", 7000)
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=2, count=300)
-    assert_stream(rx1, 2, 300, "239.2.2.2", 6000, ttl=1)
-    assert_stream(rx2, 2, 300, "239.3.3.3", 6001, ttl=3)
-    assert_stream(rx3, 2, 300, "198.51.100.2", 7000, ttl=8)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=2, count=300)
+    assert_stream(rx1, 2, 300, "239.2.2.2", 6000, ttl=1, offload=offload)
+    assert_stream(rx2, 2, 300, "239.3.3.3", 6001, ttl=3, offload=offload)
+    assert_stream(rx3, 2, 300, "198.51.100.2", 7000, ttl=8, offload=offload)
     outputs = daemon.rule_stats("fan")["outputs"]
     assert [o["packets"] for o in outputs] == [300, 300, 300]
 
 
-def test_unicast_in_multicast_out(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_unicast_in_multicast_out(net: Net, tmp_path: Path, daemons: list[Daemon], offload: str) -> None:
     start_mcrd(
         net,
         tmp_path,
@@ -131,9 +101,9 @@ outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
 """,
     )
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0", ttl=64)
+    tx = TrafficSender(net.src, "eth0", ttl=64)
     tx.stream("192.0.2.1", 5000, stream=3, count=300)
-    assert_stream(rx, 3, 300, "239.2.2.2", 6000)
+    assert_stream(rx, 3, 300, "239.2.2.2", 6000, offload=offload)
     # mcrd holds the port, so the host does not answer every datagram with
     # ICMP port-unreachable (which would surface here as ECONNREFUSED).
     tx.sock.connect(("192.0.2.1", 5000))
@@ -144,7 +114,7 @@ outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
         tx.sock.recv(100)
 
 
-def test_relays_what_rp_filter_drops(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_relays_what_rp_filter_drops(net: Net, tmp_path: Path, daemons: list[Daemon], offload: str) -> None:
     net.lab.sysctl(net.relay, "net.ipv4.conf.all.rp_filter", "1")
     net.lab.sysctl(net.relay, "net.ipv4.conf.in0.rp_filter", "1")
     net.lab.ip(net.src, "addr", "add", "203.0.113.200/25", "dev", "eth0")  # the relay has no route back
@@ -154,18 +124,18 @@ def test_relays_what_rp_filter_drops(net: Net, tmp_path: Path, daemons: list[Dae
     local = Receiver(net.relay, "239.1.1.7", 5000, "in0")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
 
-    Sender(net.src, "eth0", source="192.0.2.10").stream("239.1.1.7", 5000, stream=4, count=50)
+    TrafficSender(net.src, "eth0", source="192.0.2.10").stream("239.1.1.7", 5000, stream=4, count=50)
     assert local.wait_for(lambda a: len(local.seqs(4)) == 50), "control: routable source reaches the host"
-    unroutable = Sender(net.src, "eth0", source="203.0.113.200")
+    unroutable = TrafficSender(net.src, "eth0", source="203.0.113.200")
     unroutable.stream("239.1.1.7", 5000, stream=5, count=50)
     unroutable.stream("239.1.1.1", 5000, stream=5, count=200)
-    assert_stream(rx, 5, 200, "239.2.2.2", 6000)
+    assert_stream(rx, 5, 200, "239.2.2.2", 6000, offload=offload)
     assert {a.source for a in rx.arrivals} == {"198.51.100.1"}
     local.poll(0)
     assert local.seqs(5) == [], "the kernel should have dropped the unroutable source"
 
 
-def test_ttl_one_stream_is_relayed(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_ttl_one_stream_is_relayed(net: Net, tmp_path: Path, daemons: list[Daemon], offload: str) -> None:
     start_mcrd(
         net,
         tmp_path,
@@ -178,8 +148,8 @@ outputs = [ { interface = "out1", group = "239.255.0.251", port = 5353, ttl = 4 
 """,
     )
     rx = Receiver(net.dst2, "239.255.0.251", 5353, "eth0")
-    Sender(net.src, "eth0", ttl=1).stream("239.255.0.251", 5353, stream=6, count=200)
-    assert_stream(rx, 6, 200, "239.255.0.251", 5353, ttl=4)
+    TrafficSender(net.src, "eth0", ttl=1).stream("239.255.0.251", 5353, stream=6, count=200)
+    assert_stream(rx, 6, 200, "239.255.0.251", 5353, ttl=4, offload=offload)
 
 
 FILTERED = """
@@ -196,14 +166,14 @@ outputs = [ { interface = "out0", group = "239.2.2.2", port = 6002 } ]
 
 
 def test_other_groups_ports_and_sources_are_not_relayed(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
 ) -> None:
     net.lab.ip(net.src, "addr", "add", "192.0.2.11/24", "dev", "eth0")
     daemon = start_mcrd(net, tmp_path, daemons, FILTERED)
     rx_any = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     rx_one = Receiver(net.dst1, "239.2.2.2", 6002, "eth0")
-    good = Sender(net.src, "eth0", source="192.0.2.10")
-    other = Sender(net.src, "eth0", source="192.0.2.11")
+    good = TrafficSender(net.src, "eth0", source="192.0.2.10")
+    other = TrafficSender(net.src, "eth0", source="192.0.2.11")
     count = 100
     for n in range(count):
         good.send("239.1.1.1", 5000, make_payload(10, n))
@@ -224,7 +194,7 @@ def test_other_groups_ports_and_sources_are_not_relayed(
     # offload, the kernel relayed the wanted ones itself).
     iface = daemon.stats()["interfaces"][0]
     assert iface["filter"] == "exact"
-    assert iface["received"] == (0 if OFFLOAD["mode"] == "auto" else 2 * count)
+    assert iface["received"] == (0 if offload == "auto" else 2 * count)
     assert [r["packets"] for r in daemon.stats()["rules"]] == [count, count]
     assert sum(iface["drops"].values()) == 0
 
@@ -237,35 +207,17 @@ def _raw_frame(ns: str, packet: bytes) -> None:
         sock.sendto(packet, ("eth0", 0x0800, 0, 0, bytes.fromhex("01005e010101")))
 
 
-def _ipv4_udp(*, total: int, udp_len: int, payload: bytes, version: int = 4, frag: int = 0) -> bytes:
-    udp = struct.pack("!HHHH", 4000, 5000, udp_len, 0) + payload
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        version << 4 | 5,
-        0,
-        total,
-        1,
-        frag,
-        8,
-        17,
-        0,
-        socket.inet_aton("192.0.2.10"),
-        socket.inet_aton("239.1.1.1"),
-    )
-    return header + udp
-
-
 def test_fragments_truncated_and_malformed_are_dropped_and_counted(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     body = make_payload(20, 0, 40)
-    _raw_frame(net.src, _ipv4_udp(total=300, udp_len=48, payload=body))  # claims more than it has
-    _raw_frame(net.src, _ipv4_udp(total=68, udp_len=400, payload=body))  # UDP longer than the packet
-    _raw_frame(net.src, _ipv4_udp(total=68, udp_len=48, payload=body, version=6))
-    _raw_frame(net.src, _ipv4_udp(total=68, udp_len=48, payload=body, frag=0x2000))  # first fragment
-    tx = Sender(net.src, "eth0")
+    _raw_frame(net.src, ipv4_udp(body, total=300, udp_len=48))  # claims more than it has
+    _raw_frame(net.src, ipv4_udp(body, total=68, udp_len=400))  # UDP longer than the packet
+    _raw_frame(net.src, ipv4_udp(body, total=68, udp_len=48, version=6))
+    _raw_frame(net.src, ipv4_udp(body, total=68, udp_len=48, frag=0x2000))  # first fragment
+    tx = TrafficSender(net.src, "eth0")
     tx.send("239.1.1.1", 5000, make_payload(21, 0, 3000))  # fragmented by the sender's kernel (MTU 1500)
     tx.stream("239.1.1.1", 5000, stream=22, count=20)
     assert rx.wait_for(lambda a: len(rx.seqs(22)) == 20)
@@ -276,17 +228,17 @@ def test_fragments_truncated_and_malformed_are_dropped_and_counted(
     # The kernel path checks the IP length (as the kernel does for every
     # packet) but, like a router, not that the UDP length fits: it relays
     # that one, and receivers drop it (it never reaches rx above).
-    malformed = 1 if OFFLOAD["mode"] == "auto" else 2
+    malformed = 1 if offload == "auto" else 2
     assert drops == {"truncated": 1, "malformed": malformed, "fragment": 4, "unmatched": 0, "overflow": 0}
     assert daemon.proc is not None and daemon.proc.poll() is None
 
 
 def test_killed_worker_is_restarted_and_the_stream_resumes(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
 ) -> None:
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     tx.stream("239.1.1.1", 5000, stream=30, count=100)
     assert rx.wait_for(lambda a: len(rx.seqs(30)) == 100)
     (worker,) = mcrctl_json(daemon.socket, "workers")["workers"]
@@ -298,7 +250,7 @@ def test_killed_worker_is_restarted_and_the_stream_resumes(
 
     wait_until(restarted, what="the worker to be restarted")
     tx.stream("239.1.1.1", 5000, stream=31, count=200)
-    assert_stream(rx, 31, 200, "239.2.2.2", 6000)
+    assert_stream(rx, 31, 200, "239.2.2.2", 6000, offload=offload)
     assert "1 restarts" in mcrctl(daemon.socket, "status").stdout
     # Counters carry over the restart (up to the last sample before the kill).
     assert daemon.rule_stats("camera")["packets"] >= 200
@@ -327,7 +279,7 @@ outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]
     )
     in_segment = Receiver(net.src, "239.1.1.2", 5000, "eth0")
     onward = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     tx.stream("239.1.1.1", 5000, stream=40, count=100)
     assert in_segment.wait_for(lambda a: len(in_segment.seqs(40)) == 100), "rule 'back' relays"
     tx.stream("239.1.1.2", 5000, stream=41, count=100)  # control: a real sender on that group

@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, collecting
-
-from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
+from lab.net import Receiver, TrafficSender, collecting
+from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -101,7 +100,7 @@ def test_installed_over_a_leftover_removed_at_exit_others_untouched(
     assert set(found) == {"mcrd:in0", "theirs"} and found["mcrd:in0"][0] == 1
     assert found["mcrd:in0"] != leftover  # the leftover was replaced by mcrd's own
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=100)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=100)
     assert rx.wait_for(lambda a: len(rx.seqs(1)) == 100) and rx.seqs(1) == list(range(100))
     wait_until(lambda: daemon.rule_stats("a")["outputs"][0]["packets"] == 100, what="the kernel's counters")
     assert daemon.rule_stats("a")["packets"] == 100 and daemon.rule_stats("a")["bytes"] > 0
@@ -124,10 +123,10 @@ def test_after_a_crash_the_leftover_is_inert_and_the_next_mcrd_clears_it(
     # Its rules' programs went with the process (a program array empties when
     # its last holder goes): the leftover passes everything on to the stack.
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=8, count=20)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=8, count=20)
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001)
     assert filters(net.relay, "in0")["mcrd:in0"] != before
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=9, count=50)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=9, count=50)
     assert rx.wait_for(lambda a: len(rx.seqs(9)) == 50) and rx.seqs(9) == list(range(50))
     assert rx.seqs(8) == [], "nothing should have relayed between the crash and the restart"
     assert daemon.proc is not None
@@ -142,7 +141,7 @@ def test_a_reload_replaces_the_program_without_a_gap_and_counters_carry_over(
     assert not has_clsact(net.relay, "in0")
     daemon = start_mcrd(net, tmp_path, daemons, AUTO + TWO % 6001, "--no-watch")
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     programs = [filters(net.relay, "in0")["mcrd:in0"][1]]
     with collecting(rx):
         with tx.streaming("239.1.1.1", 5000, stream=2, rate=2000) as sent:
@@ -175,12 +174,12 @@ def test_interfaces_going_and_coming_back_move_a_rule_between_paths(
     wait_until(lambda: paths(daemon)["b"][0] == "user", what="rule b to leave the kernel")
     assert "no interface named 'out1'" in paths(daemon)["b"][1]
     assert paths(daemon)["a"] == ("kernel", "")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=3, count=100)  # a is not disturbed
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=3, count=100)  # a is not disturbed
     assert rx.wait_for(lambda a: len(rx.seqs(3)) == 100)
     net.lab.link(net.relay, "out1", net.dst2, "eth0", "203.0.113.1/25", "203.0.113.2/25")
     wait_until(lambda: paths(daemon)["b"] == ("kernel", ""), what="rule b back in the kernel")
     rx2 = Receiver(net.dst2, "239.3.3.3", 6001, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.2", 5000, stream=4, count=100)
+    TrafficSender(net.src, "eth0").stream("239.1.1.2", 5000, stream=4, count=100)
     assert rx2.wait_for(lambda a: len(rx2.seqs(4)) == 100) and rx2.seqs(4) == list(range(100))
     wait_until(lambda: daemon.rule_stats("b")["packets"] == 100, what="the kernel's count of b")
     # the input itself goes: both rules pending, nothing left hooked to it
@@ -208,7 +207,7 @@ outputs = [ { interface = "out0", group = "198.51.100.2", port = 7000 } ]
     unresolved = "output 198.51.100.2:7000 on out0 ttl 64: next hop 198.51.100.2 is not resolved yet"
     assert paths(daemon)["u"] == ("user", unresolved)
     rx = Receiver(net.dst1, "198.51.100.2", 7000)
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     tx.stream("239.1.1.1", 5000, stream=5, count=50)  # relayed from user space, which resolves it
     assert rx.wait_for(lambda a: len(rx.seqs(5)) == 50)
     wait_until(lambda: paths(daemon)["u"] == ("kernel", ""), what="the rule to move to the kernel")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Receiver, Sender
+from lab.net import Receiver, TrafficSender
 from mcrd.privdrop import process_credentials
-
-from .conftest import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
+from tests.helpers.daemon import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -84,7 +83,7 @@ def test_workers_run_unprivileged_and_still_relay(
     uid, gid = pwd.getpwnam(user).pw_uid, grp.getgrnam(user).gr_gid
     daemon = start_mcrd(net, tmp_path, daemons, BASIC, "--user", user)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=100)
+    TrafficSender(net.src, "eth0").stream("239.1.1.1", 5000, stream=1, count=100)
     assert rx.wait_for(lambda a: len(rx.seqs(1)) == 100)
 
     # A rule on an interface that had no worker: the supervisor opens its
@@ -101,7 +100,7 @@ def test_workers_run_unprivileged_and_still_relay(
             assert creds[cap] == NO_CAPS, (cap, creds)
         assert creds["NoNewPrivs"] == "1"
     rx2 = Receiver(net.dst1, "239.6.6.6", 5000, "eth0")
-    Sender(net.dst2, "eth0").stream("239.5.5.5", 5000, stream=2, count=50)
+    TrafficSender(net.dst2, "eth0").stream("239.5.5.5", 5000, stream=2, count=50)
     assert rx2.wait_for(lambda a: len(rx2.seqs(2)) == 50)
     # The supervisor keeps what it needs.
     assert process_credentials(daemon.proc.pid if daemon.proc else 0)["Uid"].split()[0] == "0"
@@ -145,7 +144,7 @@ def test_who_may_read_and_who_may_change(
     if system_python is None:
         pytest.skip("no system python3 to run mcrctl as another user")
     # mcrctl needs only the standard library: a copy of the package anyone can read
-    shutil.copytree(Path(__file__).parent.parent / "mcrd", public_dir / "lib" / "mcrd")
+    shutil.copytree(Path(__file__).parent.parent.parent / "mcrd", public_dir / "lib" / "mcrd")
     readers = accounts.group("readers")
     admins = accounts.group("admins")
     outsider = accounts.user("outsider")
@@ -158,11 +157,8 @@ def test_who_may_read_and_who_may_change(
         config,
         tmp_path,
         socket=public_dir / "run" / "control.sock",
-        env={
-            "MCRD_SOCKET_GROUP": readers,
-            "MCRD_ADMIN_GROUP": admins,
-            "MCRD_RUNTIME_RULES": str(tmp_path / "runtime.toml"),
-        },
+        env={"MCRD_SOCKET_GROUP": readers, "MCRD_ADMIN_GROUP": admins},
+        runtime_rules=tmp_path / "runtime.toml",
     )
     daemons.append(daemon)
     daemon.start()

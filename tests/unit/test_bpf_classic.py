@@ -1,106 +1,19 @@
-"""Parsing and the kernel socket filter, without sockets."""
+"""The classic BPF socket filter: built, then run in an interpreter on
+packets, without a socket."""
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 
 import pytest
 
-from mcrd.packet import (
-    ACCEPT_SNAPLEN,
-    BPF_MAXINSNS,
-    Datagram,
-    FilterEntry,
-    build_filter,
-    compile_filter,
-    ip_to_int,
-    parse,
-)
-
-from .bpf import run_filter
+from mcrd.bpf_classic import ACCEPT_SNAPLEN, BPF_MAXINSNS, build_filter, compile_filters
+from mcrd.packet import FilterEntry, ip_to_int
+from tests.helpers.cbpf import run_filter
+from tests.helpers.packets import ipv4_udp
 
 HOST, BROADCAST, MULTICAST, OTHERHOST, OUTGOING = 0, 1, 2, 3, 4
-
-
-def ipv4_udp(
-    dst: str = "239.1.1.1",
-    dport: int = 5000,
-    src: str = "192.0.2.10",
-    payload: bytes = b"hello",
-    *,
-    total: int | None = None,
-    udp_len: int | None = None,
-    version: int = 4,
-    ihl: int = 5,
-    frag: int = 0,
-    proto: int = 17,
-    options: bytes = b"",
-) -> bytes:
-    udp = struct.pack("!HHHH", 4000, dport, udp_len if udp_len is not None else 8 + len(payload), 0) + payload
-    length = ihl * 4 + len(udp)
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        version << 4 | ihl,
-        0,
-        total if total is not None else length,
-        7,
-        frag,
-        64,
-        proto,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    return header + options + udp
-
-
-def test_parse_a_datagram() -> None:
-    pkt = ipv4_udp(payload=b"payload!")
-    d = parse(pkt, len(pkt))
-    assert d == Datagram(ip_to_int("192.0.2.10"), ip_to_int("239.1.1.1"), 5000, 28, 36)
-    assert isinstance(d, Datagram) and pkt[d.start : d.end] == b"payload!"
-
-
-def test_parse_with_ip_options_and_ethernet_padding() -> None:
-    pkt = ipv4_udp(ihl=6, options=b"\x01\x01\x01\x00", payload=b"x")
-    padded = pkt + b"\0" * 20  # trailer beyond the IP total length is not payload
-    d = parse(padded, len(padded))
-    assert isinstance(d, Datagram) and padded[d.start : d.end] == b"x"
-
-
-@pytest.mark.parametrize(
-    ("packet", "reason"),
-    [
-        (b"\x45" + b"\0" * 10, "truncated"),
-        (ipv4_udp(total=200), "truncated"),
-        (ipv4_udp()[:24], "truncated"),
-        (ipv4_udp(version=6), "malformed"),
-        (ipv4_udp(ihl=4), "malformed"),
-        (ipv4_udp(total=10), "malformed"),
-        (ipv4_udp(udp_len=4), "malformed"),
-        (ipv4_udp(udp_len=500), "malformed"),
-        (ipv4_udp(frag=0x2000), "fragment"),
-        (ipv4_udp(frag=0x0010), "fragment"),
-        (ipv4_udp(proto=6), "unmatched"),
-    ],
-    ids=[
-        "runt",
-        "total-beyond-end",
-        "udp-header-cut",
-        "version",
-        "ihl",
-        "total-short",
-        "udp-len-short",
-        "udp-len-long",
-        "more-fragments",
-        "fragment-offset",
-        "tcp",
-    ],
-)
-def test_parse_rejects(packet: bytes, reason: str) -> None:
-    assert parse(packet, len(packet)) == reason
 
 
 ENTRIES = [
@@ -156,9 +69,9 @@ def test_long_filters_resolve_far_jumps_and_degrade_to_fit() -> None:
     assert len(program) > 255  # beyond what an 8-bit conditional jump reaches
     assert run_filter(program, ipv4_udp(dst="239.1.2.87", dport=5000 + 599 % 7), MULTICAST)
     assert not run_filter(program, ipv4_udp(dst="239.1.2.87", dport=5000), MULTICAST)
-    _, precision = compile_filter(many)
+    _, precision = compile_filters(many)[0]
     assert precision == 1 and len(build_filter(many, 1)) <= BPF_MAXINSNS
-    _, precision = compile_filter(FilterEntry(n, 1, None) for n in range(5000))
+    _, precision = compile_filters(FilterEntry(n, 1, None) for n in range(5000))[0]
     assert precision == 0
 
 
@@ -182,7 +95,7 @@ def test_a_thousand_groups_cost_a_few_comparisons_per_packet() -> None:
 
 
 def test_compiled_filter_is_the_kernel_layout() -> None:
-    blob, precision = compile_filter(ENTRIES)
+    blob, precision = compile_filters(ENTRIES)[0]
     assert precision == 2
     assert len(blob) == 8 * len(build_filter(ENTRIES, 2))
     assert struct.unpack_from("=HBBI", blob, len(blob) - 8) == (0x06, 0, 0, 0)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, collecting
-
-from .conftest import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
+from lab.net import Receiver, TrafficSender, collecting
+from tests.helpers.daemon import Daemon, Net, mcrctl, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -42,13 +41,13 @@ ADD = [
 ]
 
 
-def start(net: Net, tmp_path: Path, daemons: list[Daemon], *extra: str) -> Daemon:
-    env = {"MCRD_RUNTIME_RULES": str(tmp_path / "state" / "runtime.toml")}
-    return start_mcrd(net, tmp_path, daemons, FILE_RULES, *extra, env=env)
+@pytest.fixture
+def daemon(net: Net, tmp_path: Path, daemons: list[Daemon]) -> Daemon:
+    """mcrd on FILE_RULES, keeping its runtime rules in tmp_path/state."""
+    return start_mcrd(net, tmp_path, daemons, FILE_RULES, runtime_rules=tmp_path / "state" / "runtime.toml")
 
 
-def test_add_list_stats_remove_with_real_packets(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = start(net, tmp_path, daemons)
+def test_add_list_stats_remove_with_real_packets(net: Net, daemon: Daemon) -> None:
     added = mcrctl(daemon.socket, *ADD)
     assert added.stdout.startswith("added rule extra (id ") and added.stdout.strip().endswith(": active")
     rules = {r["name"]: r for r in mcrctl_json(daemon.socket, "list")["rules"]}
@@ -63,7 +62,7 @@ def test_add_list_stats_remove_with_real_packets(net: Net, tmp_path: Path, daemo
     group_rx = Receiver(net.dst1, "239.2.2.7", 6007, "eth0")
     host_rx = Receiver(net.dst1, "198.51.100.2", 7007)
     camera_rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     tx.stream("239.1.1.7", 5000, stream=1, count=100)
     tx.stream("239.1.1.1", 5000, stream=2, count=100)
     assert group_rx.wait_for(lambda a: len(group_rx.seqs(1)) == 100)
@@ -118,9 +117,8 @@ def test_add_list_stats_remove_with_real_packets(net: Net, tmp_path: Path, daemo
     ],
 )
 def test_runtime_rules_are_validated_like_file_rules(
-    net: Net, tmp_path: Path, daemons: list[Daemon], args: list[str], code: int, message: str
+    daemon: Daemon, args: list[str], code: int, message: str
 ) -> None:
-    daemon = start(net, tmp_path, daemons)
     command = list(ADD)
     for flag, value in zip(args[::2], args[1::2], strict=True):
         command[command.index(flag) + 1] = value
@@ -131,9 +129,8 @@ def test_runtime_rules_are_validated_like_file_rules(
 
 
 def test_config_save_survives_a_restart_and_leaves_the_rule_file_alone(
-    net: Net, tmp_path: Path, daemons: list[Daemon]
+    net: Net, tmp_path: Path, daemon: Daemon
 ) -> None:
-    daemon = start(net, tmp_path, daemons)
     digest = hashlib.sha256(daemon.config.read_bytes()).hexdigest()
     mcrctl(daemon.socket, *ADD)
     mcrctl(
@@ -170,7 +167,7 @@ def test_config_save_survives_a_restart_and_leaves_the_rule_file_alone(
     }
     assert hashlib.sha256(daemon.config.read_bytes()).hexdigest() == digest
     rx = Receiver(net.dst1, "239.2.2.7", 6007, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.7", 5000, stream=5, count=50)
+    TrafficSender(net.src, "eth0").stream("239.1.1.7", 5000, stream=5, count=50)
     assert rx.wait_for(lambda a: len(rx.seqs(5)) == 50)
 
     # A reload of the file keeps runtime rules, and may not take their inputs.
@@ -190,16 +187,14 @@ def test_config_save_survives_a_restart_and_leaves_the_rule_file_alone(
     assert mcrctl(daemon.socket, "config", "check", str(good)).stdout.strip() == "OK, 1 rule(s)"
 
 
-def test_log_level_get_and_set(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = start(net, tmp_path, daemons)
+def test_log_level_get_and_set(daemon: Daemon) -> None:
     assert mcrctl(daemon.socket, "log-level", "get").stdout.strip() == "debug"
     assert mcrctl(daemon.socket, "log-level", "set", "warning").stdout.strip() == "log level is now warning"
     assert mcrctl_json(daemon.socket, "log-level", "get") == {"level": "warning"}
     assert mcrctl(daemon.socket, "log-level", "set", "loud", check=False).returncode == 2
 
 
-def test_rate_limit_drops_the_excess_and_counts_it(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = start(net, tmp_path, daemons)
+def test_rate_limit_drops_the_excess_and_counts_it(net: Net, daemon: Daemon) -> None:
     mcrctl(
         daemon.socket,
         "add",
@@ -217,7 +212,7 @@ def test_rate_limit_drops_the_excess_and_counts_it(net: Net, tmp_path: Path, dae
         "100",
     )
     rx = Receiver(net.dst1, "239.2.2.9", 6009, "eth0")
-    Sender(net.src, "eth0").stream("239.1.1.9", 5000, stream=6, count=1000, rate=2000)
+    TrafficSender(net.src, "eth0").stream("239.1.1.9", 5000, stream=6, count=1000, rate=2000)
 
     def counted() -> bool:
         r = next(r for r in mcrctl_json(daemon.socket, "stats")["rules"] if r["name"] == "limited")
@@ -282,7 +277,7 @@ def test_limits_on_rules_and_clients_while_relaying(net: Net, tmp_path: Path, da
     assert third.returncode == 1 and "4 rules exceed the limit of 3 (max_rules)" in third.stderr
 
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0")
+    tx = TrafficSender(net.src, "eth0")
     stop = threading.Event()
     sent: list[int] = []
     sender = threading.Thread(
@@ -323,8 +318,7 @@ def test_limits_on_rules_and_clients_while_relaying(net: Net, tmp_path: Path, da
     assert rx.seqs(7) == list(range(sent[0])), "abusive clients disturbed the data path"
 
 
-def test_stats_watch_refreshes_in_place(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
-    daemon = start(net, tmp_path, daemons)
+def test_stats_watch_refreshes_in_place(daemon: Daemon) -> None:
     watcher = subprocess.Popen(
         [
             sys.executable,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import needs_root
+from tests.helpers.daemon import needs_root
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -23,7 +23,7 @@ def test_bench_quick_run_measures_every_relay() -> None:
     for tool in ("cc", "socat", "taskset", "nft", "ethtool"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (scripts/setup installs it)")
-    bench = Path(__file__).parent.parent / "bench" / "run.py"
+    bench = Path(__file__).parent.parent.parent / "bench" / "run.py"
     result = subprocess.run(
         [sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=600, check=False
     )

@@ -1,4 +1,4 @@
-"""The built-in demo: `python -m mcrd.demo` (as root).
+"""The built-in demo: `scripts/demo`, or `python -m lab.demo` from a checkout (as root).
 
 Builds two network segments from namespaces and veth pairs, starts mcrd with
 a demo rule file, sends a sequenced stream into one segment and shows it
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from mcrd.control import ControlError, call
-from mcrd.lab import Lab, Receiver, Sender
+from lab.launch import LaunchError, McrdProcess, mcrctl_json
+from lab.net import Lab, Receiver, TrafficSender
 
 RULES = """\
 # mcrd demo: relay 239.1.1.1:5000 arriving on in0 (segment A) to segment B,
@@ -38,36 +37,6 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def spawn_mcrd(
-    ns: str, config: Path, sock: Path, *, quiet: bool = False, cpu: str | None = None
-) -> subprocess.Popen[bytes]:
-    """Start mcrd in namespace `ns` on a lab's rule file, its control socket
-    and runtime rules beside it; `quiet`: warnings only, no file watching,
-    output discarded (benchmarks); `cpu`: pinned to that CPU."""
-    argv = ["ip", "netns", "exec", ns, *(["taskset", "-c", cpu] if cpu else [])]
-    argv += [sys.executable, "-m", "mcrd.daemon", "--config", str(config), "--control-socket", str(sock)]
-    if quiet:
-        argv += ["--log-level", "warning", "--no-watch"]
-    out = subprocess.DEVNULL if quiet else None
-    env = {**os.environ, "MCRD_RUNTIME_RULES": str(config.parent / "runtime.toml")}
-    return subprocess.Popen(argv, stdout=out, stderr=out, env=env)
-
-
-def wait_ready(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: mcrd exited with status {proc.returncode}")
-        try:
-            rules = call(sock, "list", timeout=1.0)["rules"]
-            if rules and all(r["state"] == "active" for r in rules):
-                return
-        except (OSError, ControlError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit("demo: mcrd did not become ready")
-
-
 def show_second(sock: Path, *receivers: Receiver) -> None:
     """One line of what segment B received, one of what mcrd counted."""
     seen = []
@@ -77,8 +46,8 @@ def show_second(sock: Path, *receivers: Receiver) -> None:
             seen.append(f"{a.group}:{a.port} (from {a.source}, ttl {a.ttl}) x{len(rx.arrivals)}")
     say("  segment B received: " + ("; ".join(seen) or "nothing yet"))
     try:
-        stats = call(sock, "stats", timeout=1.0)
-    except (OSError, ControlError) as exc:
+        stats = mcrctl_json(sock, "stats")
+    except LaunchError as exc:
         say(f"  mcrd stats unavailable: {exc}")
         return
     for rule in stats["rules"]:
@@ -87,7 +56,7 @@ def show_second(sock: Path, *receivers: Receiver) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcrd.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="how long to stream (default 5)")
     parser.add_argument("--rate", type=float, default=200.0, help="datagrams per second (default 200)")
     args = parser.parse_args(argv)
@@ -105,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(RULES)
         sock = Path(tmp) / "control.sock"
         say(f"\nrule file {config}:\n{RULES}")
-        mcrd = spawn_mcrd(relay, config, sock)
+        mcrd = McrdProcess(relay, config, sock, runtime_rules=Path(tmp) / "runtime.toml")
         try:
-            wait_ready(sock, mcrd)
+            try:
+                mcrd.start()
+            except LaunchError as exc:
+                raise SystemExit(f"demo: {exc}") from exc
             say(f"$ mcrctl --socket {sock} list")
             subprocess.run([sys.executable, "-m", "mcrd.ctl", "--socket", str(sock), "list"], check=False)
             group_rx = Receiver(dst, "239.2.2.2", 6000, "eth0")
             host_rx = Receiver(dst, "198.51.100.2", 7000)
-            sender = Sender(src, "eth0")
+            sender = TrafficSender(src, "eth0")
             say(f"\nsending {count} datagrams to 239.1.1.1:5000 in segment A at {args.rate:.0f}/s ...")
             thread = threading.Thread(
                 target=sender.stream, args=("239.1.1.1", 5000, 1, count, args.rate, 120)
@@ -140,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'all intact and in order' if intact else 'LOSS OR DISORDER'}"
                 )
         finally:
-            mcrd.send_signal(signal.SIGTERM)
-            try:
-                mcrd.wait(5)
-            except subprocess.TimeoutExpired:
-                mcrd.kill()
+            mcrd.stop()
         say("demo: namespaces removed, mcrd stopped")
     return 0 if ok else 1
 

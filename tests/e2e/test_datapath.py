@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mcrd.lab import Receiver, Sender, make_payload, run
-
-from .conftest import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
-from .test_relay_e2e import BASIC, assert_stream
+from lab.net import Receiver, TrafficSender, make_payload, run
+from tests.helpers.daemon import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
+from tests.helpers.streams import BASIC, assert_stream
 
 pytestmark = [needs_root, pytest.mark.netns]
 
@@ -37,7 +36,7 @@ def test_two_workers_per_input_spread_flows_keep_order_and_count_exactly(
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
     # sixteen flows (each sender has its own source port): the flow hash
     # spreads them over both workers, each flow stays on one
-    senders = [Sender(net.src, "eth0", ttl=4) for _ in range(16)]
+    senders = [TrafficSender(net.src, "eth0", ttl=4) for _ in range(16)]
     threads = [
         threading.Thread(target=tx.stream, args=("239.1.1.1", 5000, n, 300), kwargs={"rate": 3000.0})
         for n, tx in enumerate(senders)
@@ -66,9 +65,9 @@ def test_output_without_checksum_offload_falls_back_from_gso(
     run("ip", "netns", "exec", net.relay, "ethtool", "-K", "out0", "tx", "off")
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0", ttl=4)
+    tx = TrafficSender(net.src, "eth0", ttl=4)
     tx.stream("239.1.1.1", 5000, stream=1, count=2000, rate=20000.0, size=500)
-    assert_stream(rx, 1, 2000, "239.2.2.2", 6000)
+    assert_stream(rx, 1, 2000, "239.2.2.2", 6000, offload="off")
     stats = daemon.rule_stats("camera")
     assert stats["outputs"][0]["packets"] == 2000 and stats["outputs"][0]["errors"] == 0
 
@@ -83,10 +82,10 @@ def test_payloads_beyond_the_output_mtu_are_fragmented_not_lost(
     run("ip", "-n", net.dst1, "link", "set", "eth0", "mtu", "1000")
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0", ttl=4)
+    tx = TrafficSender(net.src, "eth0", ttl=4)
     tx.stream("239.1.1.1", 5000, stream=1, count=500, rate=10000.0, size=1200)
     tx.stream("239.1.1.1", 5000, stream=2, count=500, rate=10000.0, size=400)  # these still go with GSO
-    assert_stream(rx, 1, 500, "239.2.2.2", 6000)
+    assert_stream(rx, 1, 500, "239.2.2.2", 6000, offload="off")
     assert rx.wait_for(lambda a: len(rx.seqs(2)) >= 500)
     assert rx.seqs(2) == list(range(500))
     assert all(len(a.payload) in (1200, 400) for a in rx.arrivals)
@@ -101,7 +100,7 @@ def test_a_burst_of_mixed_sizes_arrives_whole_and_in_order(
     # one GSO message each, the odd ones alone, and order is kept.
     daemon = start_mcrd(net, tmp_path, daemons, BASIC)
     rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
-    tx = Sender(net.src, "eth0", ttl=4)
+    tx = TrafficSender(net.src, "eth0", ttl=4)
     sizes = [64] * 100 + [1400] * 40 + [200, 201, 202, 64, 64] * 20 + [32] * 300 + [1472] * 44
     for seq, size in enumerate(sizes):
         tx.send("239.1.1.1", 5000, make_payload(7, seq, size))
