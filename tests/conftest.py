@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from lab.net import Lab
-from tests.helpers.daemon import Daemon, Net, needs_root
+from tests.helpers.daemon import Daemon, Net
 
-__all__ = ["needs_root"]  # test_ebpf.py imports it from here
 pytest_plugins = ["tests.helpers.strict"]
 
 

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from mcrd.offload import asm, bpf, programs
-
-from .conftest import needs_root
-from .helpers.packets import eth_frame, inet_checksum, ipv4_udp
+from tests.helpers.daemon import needs_root
+from tests.helpers.packets import eth_frame, inet_checksum, ipv4_udp
 
 BPF_PROG_TEST_RUN = 10
 TC_ACT_REDIRECT = 7
