@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from enum import IntEnum
 
 from mcrd.packet import FilterEntry
 
@@ -86,11 +87,23 @@ class _Assembler:
         return out
 
 
-def build_filter(entries: Iterable[FilterEntry], precision: int = 2) -> list[Insn]:
+class FilterPrecision(IntEnum):
+    """How much of a rule an input's socket filter checks; the worker
+    matches the rest."""
+
+    UDP = 0  # any IPv4 UDP datagram
+    GROUPS = 1  # the rules' groups
+    EXACT = 2  # group, port and source
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+def build_filter(entries: Iterable[FilterEntry], precision: int = FilterPrecision.EXACT) -> list[Insn]:
     """The socket filter for one input interface.
 
-    precision 2 matches group, port and source exactly; 1 matches groups only;
-    0 only IPv4 UDP. Fragments and short datagrams to a configured group are
+    EXACT matches group, port and source; GROUPS matches groups only;
+    UDP only IPv4 UDP. Fragments and short datagrams to a configured group are
     passed up so that the worker can count them as drops.
     """
     tree: dict[int, dict[int, set[int | None]]] = {}
@@ -141,14 +154,14 @@ def build_filter(entries: Iterable[FilterEntry], precision: int = 2) -> list[Ins
     return a.assemble()
 
 
-def compile_filters(entries: Iterable[FilterEntry]) -> list[tuple[bytes, int]]:
+def compile_filters(entries: Iterable[FilterEntry]) -> list[tuple[bytes, FilterPrecision]]:
     """The filters within the kernel's instruction limit, most precise first,
     with their precision. The last one (precision 0) is a few instructions
     and always fits; the caller falls back to it when the kernel refuses a
     larger one (socket option memory, net.core.optmem_max)."""
     listed = list(entries)
     found = []
-    for precision in (2, 1, 0):
+    for precision in sorted(FilterPrecision, reverse=True):
         program = build_filter(listed, precision)
         if len(program) <= BPF_MAXINSNS:
             found.append((b"".join(SOCK_FILTER.pack(*insn) for insn in program), precision))

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mcrd.bpf_classic import compile_filters, drop_all_filter
+from mcrd.bpf_classic import FilterPrecision, compile_filters, drop_all_filter
 from mcrd.packet import FilterEntry
 
 ETH_P_IP = 0x0800
@@ -22,6 +22,7 @@ PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23
 SO_ATTACH_FILTER = 26
 SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 MCAST_JOIN_GROUP = 42
 MCAST_JOIN_SOURCE_GROUP = 46
 IP_FREEBIND = 15
@@ -98,14 +99,15 @@ def attach_filter(sock: socket.socket, program: bytes) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def _force_buffer(sock: socket.socket, force_opt: int, plain_opt: int, size: int) -> None:
+def force_buffer(sock: socket.socket, force_opt: int, plain_opt: int, size: int) -> None:
+    """Set a socket buffer past the sysctl limit where mcrd may (CAP_NET_ADMIN), up to it otherwise."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, force_opt, size)
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, plain_opt, size)
 
 
-def attach_best_filter(sock: socket.socket, entries: Iterable[FilterEntry]) -> int:
+def attach_best_filter(sock: socket.socket, entries: Iterable[FilterEntry]) -> FilterPrecision:
     """Attach the most precise filter the kernel accepts; returns its precision.
 
     Replacing a filter charges the new one to the socket before the old one
@@ -126,7 +128,7 @@ def attach_best_filter(sock: socket.socket, entries: Iterable[FilterEntry]) -> i
 
 def open_packet_socket(
     interface: str, entries: Iterable[FilterEntry], ring: RingSpec | None = None
-) -> tuple[socket.socket, int]:
+) -> tuple[socket.socket, FilterPrecision]:
     """An AF_PACKET receive socket on one interface, filtered in the kernel,
     with a TPACKET_V3 receive ring, and the precision of its filter.
 
@@ -216,7 +218,7 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
         # The relay's own output is for other hosts: looping it back to local
         # sockets would cost a copy per packet and could feed a local rule.
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        _force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
+        force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
         sock.setblocking(False)
     except BaseException:
         sock.close()

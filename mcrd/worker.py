@@ -10,6 +10,7 @@ and answers the supervisor; it exits when the channel closes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -21,20 +22,24 @@ import time
 from time import monotonic
 from typing import Any
 
-from mcrd import channel, fastpath
+from mcrd import fastpath, wire
 from mcrd.netio import packet_statistics
 from mcrd.packet import DROP_REASONS, Datagram, ip_to_int, parse
 from mcrd.privdrop import drop_privileges
+from mcrd.wire import Configure, OutputConfig, RuleConfig
 
 log = logging.getLogger("mcrd.worker")
 
 
 class Output:
+    """One output of a rule: the socket it sends on, where to, and what it sent."""
+
     __slots__ = (
-        "address",
         "errors",
         "fd",
+        "generation",
         "gso_limit",
+        "ident",
         "label",
         "last_error",
         "name",
@@ -43,12 +48,13 @@ class Output:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, group: str, port: int, label: str) -> None:
+    def __init__(self, sock: socket.socket, config: OutputConfig) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.address = (group, port)
-        self.name = fastpath.sockaddr_in(group, port)  # (address, pin) for sendmmsg
-        self.label = label
+        self.ident = config.output
+        self.generation = config.socket
+        self.name = fastpath.sockaddr_in(config.group, config.port)  # (address, pin) for sendmmsg
+        self.label = config.label
         # largest payload sent with UDP GSO: lowered when the kernel refuses
         # (the interface's MTU), 0 when the interface cannot do it at all
         self.gso_limit = fastpath.GSO_MAX_BYTES
@@ -57,9 +63,16 @@ class Output:
         self.errors = 0
         self.last_error = ""
 
+    def take_over(self, prev: Output) -> None:
+        """Carry on from the same output's previous configuration."""
+        self.packets, self.octets = prev.packets, prev.octets
+        self.errors, self.last_error = prev.errors, prev.last_error
+        if prev.generation == self.generation:  # the same socket: the same limits
+            self.gso_limit = prev.gso_limit
+
     def counters(self) -> dict[str, Any]:
         return {
-            "destination": self.label,
+            "output": self.ident,
             "packets": self.packets,
             "bytes": self.octets,
             "errors": self.errors,
@@ -70,15 +83,17 @@ class Output:
 class Policer:
     """Token buckets for datagrams and bits per second, each holding 0.1 s of rate."""
 
-    __slots__ = ("bit_tokens", "bps", "last", "packet_tokens", "pps")
+    __slots__ = ("bit_capacity", "bit_tokens", "bps", "last", "packet_capacity", "packet_tokens", "pps")
 
     BURST = 0.1
 
     def __init__(self, pps: int | None, bps: int | None, now: float) -> None:
         self.pps = pps
         self.bps = bps
-        self.packet_tokens = max(pps * self.BURST, 1.0) if pps else 0.0
-        self.bit_tokens = max(bps * self.BURST, 65535 * 8.0) if bps else 0.0
+        self.packet_capacity = max(pps * self.BURST, 1.0) if pps else 0.0
+        self.bit_capacity = max(bps * self.BURST, 65535 * 8.0) if bps else 0.0
+        self.packet_tokens = self.packet_capacity
+        self.bit_tokens = self.bit_capacity
         self.last = now
 
     def allow(self, length: int, now: float) -> bool:
@@ -86,13 +101,11 @@ class Policer:
         self.last = now
         bits = length * 8
         if self.pps:
-            self.packet_tokens = min(self.packet_tokens + elapsed * self.pps, max(self.pps * self.BURST, 1.0))
+            self.packet_tokens = min(self.packet_tokens + elapsed * self.pps, self.packet_capacity)
             if self.packet_tokens < 1.0:
                 return False
         if self.bps:
-            self.bit_tokens = min(
-                self.bit_tokens + elapsed * self.bps, max(self.bps * self.BURST, 65535 * 8.0)
-            )
+            self.bit_tokens = min(self.bit_tokens + elapsed * self.bps, self.bit_capacity)
             if self.bit_tokens < bits:
                 return False
             self.bit_tokens -= bits
@@ -102,10 +115,12 @@ class Policer:
 
 
 class Rule:
-    __slots__ = ("addrs", "key", "lens", "limited", "octets", "outputs", "packets", "policer")
+    """One rule as the worker relays it: its outputs, policer and counts."""
 
-    def __init__(self, key: str, outputs: list[Output], policer: Policer | None = None) -> None:
-        self.key = key
+    __slots__ = ("addrs", "ident", "lens", "limited", "octets", "outputs", "packets", "policer")
+
+    def __init__(self, ident: int, outputs: list[Output], policer: Policer | None = None) -> None:
+        self.ident = ident
         self.outputs = outputs
         self.policer = policer
         self.packets = 0
@@ -117,6 +132,7 @@ class Rule:
 
     def counters(self) -> dict[str, Any]:
         return {
+            "rule": self.ident,
             "packets": self.packets,
             "bytes": self.octets,
             "limited": self.limited,
@@ -145,66 +161,22 @@ class Worker:
 
     # -- control -----------------------------------------------------------
 
-    def configure(self, message: dict[str, Any], fds: list[int]) -> None:
+    def configure(self, config: Configure, fds: list[int]) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]
         for sock in socks:
             sock.setblocking(False)
-        packet_sock = socks[message["packet_fd"]]
-        ring = message["ring"]
+        packet_sock = socks[0]
         if self.ring is None or self.ring.inode != os.fstat(packet_sock.fileno()).st_ino:
-            mapped = fastpath.Ring(packet_sock, ring["block_size"], ring["block_count"])
+            mapped = fastpath.Ring(packet_sock, config.block_size, config.block_count)
             if self.ring is not None:
                 self.ring.close()
             self.ring = mapped
             # a block holds at most one frame per 64 bytes
-            self.sender = fastpath.Sender(ring["block_size"] // 64)
-        # Counters follow a rule (by key) and an output (by destination)
-        # across reconfigurations: a reload does not reset what was counted.
-        old_rules = {r.key: r for r in self.rules}
-        rules: list[Rule] = []
-        table: dict[int, Rule | dict[int | None, Rule]] = {}
-        by_source: dict[int, dict[int | None, Rule]] = {}
-        for spec in message["rules"]:
-            old = old_rules.get(spec["key"])
-            old_outputs = {o.label: o for o in old.outputs} if old else {}
-            outputs = []
-            for o in spec["outputs"]:
-                out = Output(socks[o["fd"]], o["group"], o["port"], o["label"])
-                prev = old_outputs.get(out.label)
-                if prev is not None:
-                    out.packets, out.octets, out.errors, out.last_error = (
-                        prev.packets,
-                        prev.octets,
-                        prev.errors,
-                        prev.last_error,
-                    )
-                    if _same_socket(prev.sock, out.sock):
-                        out.gso_limit = prev.gso_limit
-                outputs.append(out)
-            limit = spec.get("rate_limit")
-            policer = None
-            if limit:
-                same = (
-                    old is not None
-                    and old.policer is not None
-                    and (old.policer.pps, old.policer.bps) == (limit.get("pps"), limit.get("bps"))
-                )
-                policer = (
-                    old.policer if same and old else Policer(limit.get("pps"), limit.get("bps"), monotonic())
-                )
-            rule = Rule(spec["key"], outputs, policer)
-            if old is not None:
-                rule.packets, rule.octets, rule.limited = old.packets, old.octets, old.limited
-            rules.append(rule)
-            source = ip_to_int(spec["source"]) if spec["source"] else None
-            by_source.setdefault(ip_to_int(spec["group"]) << 16 | spec["port"], {})[source] = rule
-        fast: dict[int, Rule] = {}
-        for key, choices in by_source.items():
-            only = choices.get(None)
-            table[key] = only if only is not None and len(choices) == 1 else choices
-            if only is not None and len(choices) == 1 and only.policer is None:
-                fast[fastpath.native_key(key >> 16, key & 0xFFFF)] = only
-        self.rules, self.table, self.fast = rules, table, fast
+            self.sender = fastpath.Sender(config.block_size // 64)
+        old = {r.ident: r for r in self.rules}
+        rules = [_carried_rule(spec, socks, old.get(spec.rule)) for spec in config.rules]
+        self.table, self.fast = _tables(config.rules, rules)
+        self.rules = rules
         for sock in self.owned:  # new descriptors for the same sockets arrived
             sock.close()
         self.owned = socks
@@ -217,12 +189,12 @@ class Worker:
         return {
             "received": self.received,
             "drops": dict(self.drops),
-            "rules": {r.key: r.counters() for r in self.rules},
+            "rules": [r.counters() for r in self.rules],
         }
 
     def handle_channel(self) -> None:
         try:
-            got = channel.receive(self.chan)
+            got = wire.receive(self.chan)
         except ConnectionError:
             got = None
         if got is None:
@@ -231,10 +203,10 @@ class Worker:
         message, fds = got
         op = message.get("op")
         if op == "configure":
-            self.configure(message, fds)
-            channel.send(self.chan, {"op": "configured", "id": message.get("id"), "pid": os.getpid()})
+            self.configure(Configure.parse(message), fds)
+            wire.send(self.chan, {"op": "configured", "id": message.get("id"), "pid": os.getpid()})
         elif op == "stats":
-            channel.send(self.chan, {"op": "stats", "id": message.get("id"), **self.stats()})
+            wire.send(self.chan, {"op": "stats", "id": message.get("id"), **self.stats()})
         elif op == "stop":
             self.running = False
         else:
@@ -407,19 +379,52 @@ _NO_GSO = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT,
 _QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
 
 
-def _same_socket(a: socket.socket, b: socket.socket) -> bool:
-    try:
-        return os.fstat(a.fileno()).st_ino == os.fstat(b.fileno()).st_ino
-    except OSError:
-        return False
+def _carried_rule(spec: RuleConfig, socks: list[socket.socket], old: Rule | None) -> Rule:
+    """A rule as configured, carrying on the counts (and policer, if its
+    limit is the same) of the rule of the same identity before: a reload
+    does not reset what was counted."""
+    old_outputs = {o.ident: o for o in old.outputs} if old else {}
+    outputs = []
+    for o in spec.outputs:
+        out = Output(socks[o.fd], o)
+        prev = old_outputs.get(o.output)
+        if prev is not None:
+            out.take_over(prev)
+        outputs.append(out)
+    policer = None
+    if spec.pps or spec.bps:
+        kept = old.policer if old is not None else None
+        same = kept is not None and (kept.pps, kept.bps) == (spec.pps, spec.bps)
+        policer = kept if same else Policer(spec.pps, spec.bps, monotonic())
+    rule = Rule(spec.rule, outputs, policer)
+    if old is not None:
+        rule.packets, rule.octets, rule.limited = old.packets, old.octets, old.limited
+    return rule
+
+
+def _tables(
+    specs: tuple[RuleConfig, ...], rules: list[Rule]
+) -> tuple[dict[int, Rule | dict[int | None, Rule]], dict[int, Rule]]:
+    """The lookup tables: by (group << 16 | port), a rule or {source: rule};
+    and for the fast path, rules without source or rate limit by group and
+    port as read from the wire."""
+    by_source: dict[int, dict[int | None, Rule]] = {}
+    for spec, rule in zip(specs, rules, strict=True):
+        source = ip_to_int(spec.source) if spec.source else None
+        by_source.setdefault(ip_to_int(spec.group) << 16 | spec.port, {})[source] = rule
+    table: dict[int, Rule | dict[int | None, Rule]] = {}
+    fast: dict[int, Rule] = {}
+    for key, choices in by_source.items():
+        only = choices.get(None)
+        table[key] = only if only is not None and len(choices) == 1 else choices
+        if only is not None and len(choices) == 1 and only.policer is None:
+            fast[fastpath.native_key(key >> 16, key & 0xFFFF)] = only
+    return table, fast
 
 
 def _readable(sock: socket.socket) -> bool:
     ready, _, _ = select.select([sock], [], [], 0)
     return bool(ready)
-
-
-EX_BOOT = 3  # the worker could not take up its post: the supervisor backs off
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,12 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor stops us through the channel; a terminal's ^C goes to the
     # whole process group and must not kill the data path before it asks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    chan = socket.socket(fileno=args.channel)
     try:
         drop_privileges(args.uid, args.gid)
     except OSError as exc:
-        log.error("cannot drop privileges to %d:%d: %s", args.uid, args.gid, exc.strerror or exc)
-        return EX_BOOT
-    chan = socket.socket(fileno=args.channel)
+        reason = f"cannot drop privileges to {args.uid}:{args.gid}: {exc.strerror or exc}"
+        log.error("%s", reason)
+        with contextlib.suppress(OSError):
+            wire.send(chan, {"op": "boot-failed", "reason": reason})
+        return wire.EX_BOOT
     Worker(chan).run()
     return 0
 

@@ -1,0 +1,150 @@
+"""The channel between the supervisor and a worker: framing and messages.
+
+One JSON object per SOCK_SEQPACKET message, file descriptors alongside as
+SCM_RIGHTS. JSON rather than pickle: the worker runs with less privilege than
+the supervisor, and nothing it sends may execute code in the supervisor.
+Both sides import this module, so it stays cheap (no pydantic): the
+supervisor turns a worker's stats reply into counters itself
+(`mcrd.counters.parse_stats`), checking every value.
+
+The messages (`op`):
+- supervisor → worker: `configure` (a `Configure`, with the descriptors),
+  `stats`, `stop`;
+- worker → supervisor: `configured`, `stats` (the replies, carrying the
+  request's `id`), and `boot-failed` (with a reason, before it exits with
+  `EX_BOOT`).
+Rules and outputs are named by small integers the supervisor gives out
+(`rule`, `output`), stable for as long as the rule or the output exists, so
+that a worker's counts follow them across reconfigurations.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from mcrd.netio import SO_RCVBUFFORCE, SO_SNDBUFFORCE, force_buffer
+
+MAX_MESSAGE = 4 << 20
+MAX_FDS = 250  # SCM_MAX_FD is 253
+
+#: the worker's exit status when it could not take up its post (dropping
+#: privileges failed): the supervisor reports the reason it sent and does
+#: not restart it until the port's configuration changes
+EX_BOOT = 3
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """One output of a rule, as the worker gets it: which descriptor to send
+    on, and where to."""
+
+    output: int  # the output's identity
+    fd: int  # index into the descriptors sent with the message
+    group: str
+    port: int
+    socket: int  # generation of the output socket: a new one means new GSO limits
+    label: str  # for the worker's log lines only
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "output": self.output,
+            "fd": self.fd,
+            "group": self.group,
+            "port": self.port,
+            "socket": self.socket,
+            "label": self.label,
+        }
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """One rule, as the worker matches and relays it."""
+
+    rule: int  # the rule's identity
+    group: str
+    port: int
+    source: str | None
+    outputs: tuple[OutputConfig, ...]
+    pps: int | None = None
+    bps: int | None = None
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "group": self.group,
+            "port": self.port,
+            "source": self.source,
+            "pps": self.pps,
+            "bps": self.bps,
+            "outputs": [o.message() for o in self.outputs],
+        }
+
+    @classmethod
+    def parse(cls, m: dict[str, Any]) -> RuleConfig:
+        outputs = tuple(
+            OutputConfig(o["output"], o["fd"], o["group"], o["port"], o["socket"], o["label"])
+            for o in m["outputs"]
+        )
+        return cls(m["rule"], m["group"], m["port"], m["source"], outputs, m["pps"], m["bps"])
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Everything a worker relays: its packet socket (descriptor 0), its
+    ring's shape and its rules. Equal messages configure alike, so the
+    supervisor skips sending one equal to the last."""
+
+    block_size: int
+    block_count: int
+    rules: tuple[RuleConfig, ...]
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "op": "configure",
+            "packet_fd": 0,
+            "ring": {"block_size": self.block_size, "block_count": self.block_count},
+            "rules": [r.message() for r in self.rules],
+        }
+
+    @classmethod
+    def parse(cls, m: dict[str, Any]) -> Configure:
+        ring = m["ring"]
+        return cls(ring["block_size"], ring["block_count"], tuple(RuleConfig.parse(r) for r in m["rules"]))
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A channel pair with room for large messages (a worker with many rules)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in (ours, theirs):
+        force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, MAX_MESSAGE)
+        force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, MAX_MESSAGE)
+    return ours, theirs
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    """The next message and the descriptors that came with it; None at end of stream."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if not data:
+        for fd in fds:
+            socket.close(fd)
+        return None
+    try:
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ValueError("channel message is not an object")
+    except (ValueError, RecursionError):
+        for fd in fds:  # not leaked with the garbage they came with
+            socket.close(fd)
+        raise ValueError("channel message is not a JSON object") from None
+    return message, fds
