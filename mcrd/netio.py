@@ -56,9 +56,6 @@ class RingSpec:
     def of_size(cls, mib: int) -> RingSpec:
         return cls(block_count=max(8, (mib << 20) // cls.block_size))
 
-    def message(self) -> dict[str, int]:
-        return {"block_size": self.block_size, "block_count": self.block_count}
-
 
 def _set_ring(sock: socket.socket, ring: RingSpec) -> None:
     sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)

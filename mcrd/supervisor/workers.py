@@ -35,6 +35,7 @@ REQUEST_TIMEOUT = 1.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long resets the backoff
+EXIT_GRACE = 1.0  # how long a worker that failed to start may take to exit by itself
 
 
 def backoff_delay(failures: int) -> float:
@@ -74,6 +75,10 @@ class WorkerHandle:
                 got = wire.receive(self.chan)
             except BlockingIOError:
                 return
+            except ConnectionResetError:
+                # It exited with our last request unread. The kernel reports
+                # that first; what it sent before (a boot failure) comes next.
+                continue
             except (OSError, ValueError) as exc:
                 # A worker that speaks garbage is broken or compromised: it goes,
                 # and the supervisor starts a fresh one.
@@ -112,6 +117,11 @@ class WorkerHandle:
                 return await future
         finally:
             self.pending.pop(ident, None)
+
+    def drain(self) -> None:
+        """Read what is left on the channel now (the worker has exited)."""
+        if not self.closed:
+            self._readable()
 
     def notify(self, message: dict[str, Any]) -> None:
         if not self.closed:
@@ -253,16 +263,33 @@ class Workers:
         config, fds = self.configuration(port, lane)
         try:
             await handle.request(config.message(), fds, timeout=CONFIGURE_TIMEOUT)
-        except BaseException:
+        except Exception:
+            status = await self._reap(handle)
+            handle.drain()  # what it said before it exited, if we sent to a closed channel
             handle.close()
-            handle.kill()
-            status = await process.wait()
             if status == wire.EX_BOOT:
                 lane.failed_with = config
                 raise WorkerBootError(handle.boot_failure or "it gave no reason") from None
             raise
+        except BaseException:  # cancelled: the supervisor is stopping or the port closing
+            handle.close()
+            handle.kill()
+            await process.wait()
+            raise
         lane.sent = config
         return handle
+
+    @staticmethod
+    async def _reap(handle: WorkerHandle) -> int:
+        """The exit status of a worker that did not take its configuration:
+        one on its way out (a boot failure) gets a moment to exit by itself,
+        so that its status says why."""
+        try:
+            async with asyncio.timeout(EXIT_GRACE):
+                return await handle.process.wait()
+        except TimeoutError:
+            handle.kill()
+            return await handle.process.wait()
 
     async def keep(self, port: InputPort, lane: Lane) -> None:
         """Run the lane's worker until the supervisor stops, restarting it
