@@ -228,8 +228,10 @@ def parse_stats(reply: object, rules: Mapping[int, RuleKey], outputs: Mapping[in
         drops = reply["drops"]
         _expect(isinstance(drops, dict), "drops is not an object")
         counted: dict[RuleKey, RuleCounts] = {}
+        _expect(isinstance(reply["rules"], list), "rules is not a list")
         for r in reply["rules"]:
             outs: dict[Destination, OutputCounts] = {}
+            _expect(isinstance(r["outputs"], list), "outputs is not a list")
             for o in r["outputs"]:
                 last_error = o["last_error"]
                 _expect(isinstance(last_error, str), "last_error is not a string")

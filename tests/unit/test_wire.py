@@ -1,0 +1,131 @@
+"""The supervisor-to-worker channel (mcrd.wire): garbage refused without leaking
+the descriptors that came with it, and the `configure` message round-tripping
+through JSON, with the equality the supervisor relies on to skip re-sending."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from mcrd import wire
+from mcrd.wire import Configure, OutputConfig, RuleConfig
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = wire.socketpair()
+    try:
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"[1, 2]", b'"configure"', b"null", b"\xff\xfe", b"{"])
+def test_garbage_is_refused_and_its_descriptors_closed(
+    channel: tuple[socket.socket, socket.socket], garbage: bytes
+) -> None:
+    ours, theirs = channel
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        socket.send_fds(theirs, [garbage], [devnull])
+    finally:
+        os.close(devnull)
+    before = open_fds()
+    with pytest.raises(ValueError, match="not a JSON object"):
+        wire.receive(ours)
+    assert open_fds() == before  # the descriptor that came with the garbage is not leaked
+    # the channel still works
+    wire.send(theirs, {"op": "stats", "id": 3})
+    assert wire.receive(ours) == ({"op": "stats", "id": 3}, [])
+
+
+def test_descriptors_arrive_with_a_good_message(channel: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = channel
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        wire.send(theirs, {"op": "configure"}, [devnull])
+    finally:
+        os.close(devnull)
+    got = wire.receive(ours)
+    assert got is not None
+    message, fds = got
+    try:
+        assert message == {"op": "configure"}
+        assert len(fds) == 1
+        assert os.path.samefile(f"/proc/self/fd/{fds[0]}", os.devnull)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_end_of_stream_is_none(channel: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = channel
+    theirs.close()
+    assert wire.receive(ours) is None
+
+
+def configure(generation: int = 1, pps: int | None = None) -> Configure:
+    return Configure(
+        block_size=1 << 20,
+        block_count=4,
+        rules=(
+            RuleConfig(
+                rule=1,
+                group="239.1.1.1",
+                port=5000,
+                source=None,
+                outputs=(
+                    OutputConfig(1, 1, "239.2.2.1", 6000, generation, "239.2.2.1:6000 on e1 ttl 1"),
+                    OutputConfig(2, 2, "198.51.100.2", 6000, 1, "198.51.100.2:6000 ttl 64"),
+                ),
+                pps=pps,
+            ),
+            RuleConfig(2, "232.1.1.1", 5000, "192.0.2.9", (), pps=None, bps=8_000_000),
+        ),
+    )
+
+
+def test_configure_round_trips_through_json() -> None:
+    sent = configure(pps=1000)
+    message = json.loads(json.dumps(sent.message()))
+    assert message["op"] == "configure"
+    assert message["packet_fd"] == 0
+    assert Configure.parse(message) == sent
+
+
+def test_configure_round_trips_through_the_channel(channel: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = channel
+    sent = configure()
+    wire.send(ours, sent.message())
+    got = wire.receive(theirs)
+    assert got is not None
+    assert Configure.parse(got[0]) == sent
+
+
+def test_configures_built_alike_are_equal() -> None:
+    """The supervisor skips sending a Configure equal to the last one."""
+    assert configure() == configure()
+    assert hash(configure()) == hash(configure())
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        configure(generation=2),  # a new output socket: new GSO limits
+        configure(pps=10),
+        Configure(1 << 20, 8, configure().rules),
+        Configure(1 << 20, 4, configure().rules[:1]),
+    ],
+    ids=["socket generation", "rate limit", "ring", "rules"],
+)
+def test_configures_that_configure_differently_differ(other: Configure) -> None:
+    assert other != configure()
