@@ -59,9 +59,8 @@ class WorkerProcess(Protocol):
 Spawner = Callable[[socket.socket, Identity], Awaitable[WorkerProcess]]
 
 
-async def spawn_worker(channel: socket.socket, identity: Identity) -> WorkerProcess:
-    """A worker as a fresh interpreter (never a fork of the supervisor)."""
-    return await asyncio.create_subprocess_exec(
+def worker_command(channel: socket.socket, identity: Identity) -> list[str]:
+    return [
         sys.executable,
         "-P",  # not the current directory on sys.path: the worker starts as root
         "-m",
@@ -71,6 +70,13 @@ async def spawn_worker(channel: socket.socket, identity: Identity) -> WorkerProc
         str(identity[0]),
         "--gid",
         str(identity[1]),
+    ]
+
+
+async def spawn_worker(channel: socket.socket, identity: Identity) -> WorkerProcess:
+    """A worker as a fresh interpreter (never a fork of the supervisor)."""
+    return await asyncio.create_subprocess_exec(
+        *worker_command(channel, identity),
         pass_fds=(channel.fileno(),),
         cwd="/",
         stdin=subprocess.DEVNULL,

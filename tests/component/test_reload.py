@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mcrd.commands import Commands
-from mcrd.config import LoadedConfig, load_config, parse_config
+from mcrd.config import LoadedConfig, load_config
 from mcrd.control.protocol import ControlError
 from mcrd.control.server import Access, ControlServer, Limits
 from mcrd.links import Link
@@ -23,35 +23,7 @@ from mcrd.rulebook import RuleBook
 from mcrd.rules import RuleSpec
 from mcrd.service import Service
 from mcrd.settings import DaemonSettings, SettingsChange
-
-
-def rules(text: str) -> list[RuleSpec]:
-    return parse_config(text, Path("t.toml")).rules
-
-
-A = (
-    '[[rule]]\nname = "a"\ninput = { interface = "e0", group = "239.1.1.1", port = 1 }\n'
-    'outputs = [ { interface = "e1", group = "239.2.2.1" } ]\n'
-)
-A_CHANGED = A.replace("239.2.2.1", "239.2.2.9")
-A_RENAMED = A.replace('name = "a"', 'name = "a2"')
-B = (
-    '[[rule]]\nname = "b"\ninput = { interface = "e0", group = "239.1.1.2", port = 1 }\n'
-    'outputs = [ { interface = "e1", group = "239.2.2.2" } ]\n'
-)
-B_OTHER_SOURCE = B.replace("port = 1 }", 'port = 1, source = "192.0.2.1" }')
-EMPTY = ""
-
-
-A = (
-    '[[rule]]\nname = "a"\ninput = { interface = "e0", group = "239.1.1.1", port = 1 }\n'
-    'outputs = [ { interface = "e1", group = "239.2.2.1" } ]\n'
-)
-A_CHANGED = A.replace("239.2.2.1", "239.2.2.9")
-B = (
-    '[[rule]]\nname = "b"\ninput = { interface = "e0", group = "239.1.1.2", port = 1 }\n'
-    'outputs = [ { interface = "e1", group = "239.2.2.2" } ]\n'
-)
+from tests.helpers.rulesets import A_CHANGED, A, B, rules
 
 
 class FakeTarget:

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
-from mcrd.config import parse_config
 from mcrd.links import Link
 from mcrd.rules import RuleSpec
 from mcrd.supervisor import Supervisor
 from tests.helpers.fakes import FakeSeams, FakeSocket, fake_seams
-
-
-def rules(text: str) -> list[RuleSpec]:
-    return parse_config(text, Path("t.toml")).rules
+from tests.helpers.rulesets import rules
 
 
 def rule(group: str, out: str, ttl: int = 1, port: int = 5000) -> str:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 
 from mcrd.supervisor import Supervisor
-from mcrd.supervisor.seams import Identity, WorkerProcess, spawn_worker
+from mcrd.supervisor.seams import Identity, WorkerProcess, spawn_worker, worker_command
 from tests.component.test_supervisor import A, until
 from tests.helpers.fakes import fake_seams
 
@@ -26,15 +25,7 @@ async def spawn_crippled(channel: socket.socket, identity: Identity) -> WorkerPr
         "setpriv",
         "--bounding-set=-setuid,-setgid",
         "--inh-caps=-setuid,-setgid",
-        sys.executable,
-        "-P",
-        "-m",
-        "mcrd.worker",
-        str(channel.fileno()),
-        "--uid",
-        str(identity[0]),
-        "--gid",
-        str(identity[1]),
+        *worker_command(channel, identity),
         pass_fds=(channel.fileno(),),
         stdin=asyncio.subprocess.DEVNULL,
     )
