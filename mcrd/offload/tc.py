@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import Any
 
+from mcrd.counters import KernelCounts
 from mcrd.offload import bpf
 from mcrd.offload.plan import Attachment
 from mcrd.offload.programs import KernelRule, dispatch_program, rule_program, slot_size, table_key
@@ -34,8 +35,6 @@ EGRESS_CLSACT = 0xFFFFFFF3
 
 CAPACITY = 65536  # rules per input interface the kernel's table and program array hold
 
-Counts = list[tuple[int, int]]  # (packets, payload bytes): the rule's, then each output's
-
 
 @dataclass
 class LoadedRule:
@@ -49,7 +48,7 @@ class LoadedRule:
     def close(self) -> None:
         _close(self.counters_fd)
 
-    def read(self) -> Counts:
+    def read(self) -> KernelCounts:
         (words,) = bpf.read_counters(self.counters_fd, 1, slot_size(self.rule))
         return [(words[2 * i], words[2 * i + 1]) for i in range(1 + len(self.rule.outputs))]
 
@@ -96,10 +95,10 @@ class Tc:
 
     def __init__(self) -> None:
         self.hooked: dict[int, HookedInterface] = {}  # by interface index
-        self.carried: dict[RuleKey, Counts] = {}  # counts of rules' programs since replaced
+        self.carried: dict[RuleKey, KernelCounts] = {}  # counts of rules' programs since replaced
         self.refused: dict[tuple[int, RuleKey, KernelRule], str] = {}  # not retried until changed
         self.unhookable: dict[Attachment, str] = {}  # likewise, for a dispatcher
-        self.released: dict[RuleKey, Counts] = {}  # final counts of rules that left the kernel
+        self.released: dict[RuleKey, KernelCounts] = {}  # final counts of rules that left the kernel
         self.lock = threading.Lock()
         self._missing: str | None = None
 
@@ -299,7 +298,7 @@ class Tc:
         for key in [k for k in self.carried if k not in keep]:
             self.released[key] = add_counts(self.released.get(key, []), self.carried.pop(key))
 
-    def take_released(self) -> dict[RuleKey, Counts]:
+    def take_released(self) -> dict[RuleKey, KernelCounts]:
         """The final counts of the rules that left the kernel since the last
         call: the caller keeps them, so that totals never go back."""
         with self.lock:
@@ -310,11 +309,11 @@ class Tc:
         with contextlib.suppress(OSError):
             self.carried[key] = add_counts(self.carried.get(key, []), loaded.read())
 
-    def counters(self) -> dict[RuleKey, Counts]:
+    def counters(self) -> dict[RuleKey, KernelCounts]:
         """What each offloaded rule relayed, by rule key: its own count,
         then each output's; carried over replacements of its program."""
         with self.lock:
-            found: dict[RuleKey, Counts] = {}
+            found: dict[RuleKey, KernelCounts] = {}
             for hooked in self.hooked.values():
                 for key, loaded in hooked.rules.items():
                     with contextlib.suppress(OSError):
@@ -339,14 +338,9 @@ def _rules(programs: dict[int, Attachment]) -> set[tuple[RuleKey, KernelRule]]:
     return {(key, rule) for att in programs.values() for key, rule in att.rules}
 
 
-def add_counts(a: Counts, b: Counts) -> Counts:
+def add_counts(a: KernelCounts, b: KernelCounts) -> KernelCounts:
     """Two rules' counts summed pairwise; the shorter one padded with zeros."""
     return [(p1 + p2, b1 + b2) for (p1, b1), (p2, b2) in zip_longest(a, b, fillvalue=(0, 0))]
-
-
-def fit_counts(counts: Counts, n: int) -> Counts:
-    """Exactly `n` entries: cut, or padded with zeros."""
-    return (counts + [(0, 0)] * n)[:n]
 
 
 def _ingress_parent(ipr: Any, index: int) -> int | None:

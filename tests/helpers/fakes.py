@@ -18,9 +18,9 @@ from typing import Any
 
 from mcrd import wire
 from mcrd.bpf_classic import FilterPrecision
+from mcrd.counters import KernelCounts
 from mcrd.netio import RingSpec
 from mcrd.offload.plan import Attachment, Egress, Iface
-from mcrd.offload.tc import Counts
 from mcrd.packet import FilterEntry
 from mcrd.rules import Destination, RuleKey, RuleSpec
 from mcrd.supervisor.seams import Identity, Seams
@@ -254,10 +254,10 @@ class NoKernel:
     def apply(self, programs: dict[int, Attachment]) -> dict[RuleKey, str]:
         return {}
 
-    def take_released(self) -> dict[RuleKey, Counts]:
+    def take_released(self) -> dict[RuleKey, KernelCounts]:
         return {}
 
-    def counters(self) -> dict[RuleKey, Counts]:
+    def counters(self) -> dict[RuleKey, KernelCounts]:
         return {}
 
     def remove(self) -> None:
