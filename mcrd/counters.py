@@ -42,13 +42,14 @@ class OutputCounts:
 
 @dataclass(frozen=True)
 class RuleCounts:
-    """What one rule relayed (`limited`: held back by its rate limit), and
-    what each of its outputs sent."""
+    """What one rule relayed (`limited`: held back by its rate limit;
+    `looped`: dropped by the loop guard), and what each of its outputs sent."""
 
     packets: int = 0
     bytes: int = 0
     limited: int = 0
     outputs: Mapping[Destination, OutputCounts] = field(default_factory=dict)
+    looped: int = 0
 
     def __add__(self, later: RuleCounts) -> RuleCounts:
         return RuleCounts(
@@ -56,6 +57,7 @@ class RuleCounts:
             self.bytes + later.bytes,
             self.limited + later.limited,
             _add_maps(self.outputs, later.outputs, OutputCounts()),
+            self.looped + later.looped,
         )
 
     def output(self, dest: Destination) -> OutputCounts:
@@ -249,6 +251,7 @@ def parse_stats(reply: object, rules: Mapping[int, RuleKey], outputs: Mapping[in
                 _count(r["bytes"], "bytes"),
                 _count(r["limited"], "limited"),
                 outs,
+                _count(r["looped"], "looped"),
             )
             key = rules.get(_count(r["rule"], "rule"))
             if key is not None:

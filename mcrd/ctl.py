@@ -215,6 +215,12 @@ def show_stats(result: dict[str, Any]) -> str:
     rows = []
     for r in result["rules"]:
         limited = r.get("drops", {}).get("rate_limit", 0)
+        looped = r.get("drops", {}).get("loop", 0)
+        dropped = ", ".join(
+            text
+            for text in (f"rate-limited {limited}" if limited else "", f"loop {looped}" if looped else "")
+            if text
+        )
         rows.append(
             [
                 r["name"] or r["key"],
@@ -222,7 +228,7 @@ def show_stats(result: dict[str, Any]) -> str:
                 str(r["packets"]),
                 str(r["bytes"]),
                 _rate(r["pps"], r["bps"]),
-                f"rate-limited {limited}" if limited else "",
+                dropped,
                 "",
             ]
         )

@@ -219,6 +219,57 @@ class Sender:
         return sent, 0
 
 
+class RawSender:
+    """Sends datagrams whose IP and UDP headers are built one by one (faithful
+    outputs, through a raw socket): each message is two iovecs, its header
+    in `headers` and its payload where it lies (in the ring, mostly)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.headers = bytearray(HEADERS * capacity)
+        self.headers_addr, self._headers_pin = _address(self.headers)
+        self._iov_buf = bytearray(32 * capacity)
+        self.iov_addr, self._iov_pin = _address(self._iov_buf)
+        self.iov = memoryview(self._iov_buf).cast("Q")
+        self._msg_buf = bytearray(8 * _MSGHDR_WORDS * capacity)
+        self.msg_addr, self._msg_pin = _address(self._msg_buf)
+        self.msg = memoryview(self._msg_buf).cast("Q")
+        self.msg32 = memoryview(self._msg_buf).cast("I")
+
+    def load(self, index: int, payload: int, size: int) -> None:
+        """Point message `index` at its header and its payload of `size` bytes at address `payload`."""
+        iov = self.iov
+        k = 4 * index
+        iov[k] = self.headers_addr + HEADERS * index
+        iov[k + 1] = HEADERS
+        iov[k + 2] = payload
+        iov[k + 3] = size
+
+    def send(self, fd: int, name_addr: int, start: int, count: int) -> tuple[int, int]:
+        """Send messages start..start+count-1 to the address at `name_addr`;
+        returns (messages sent, errno of the first that failed or 0)."""
+        count = min(count, MAX_MESSAGES)
+        msg, msg32 = self.msg, self.msg32
+        for k in range(start, start + count):
+            w = k * _MSGHDR_WORDS
+            msg[w] = name_addr
+            msg32[2 * w + 2] = 16  # msg_namelen
+            msg[w + 2] = self.iov_addr + 32 * k
+            msg[w + 3] = 2
+            msg[w + 4] = 0
+            msg[w + 5] = 0
+            msg[w + 6] = 0
+        sent = _sendmmsg(fd, self.msg_addr + 8 * _MSGHDR_WORDS * start, count, MSG_DONTWAIT)
+        if sent < 0:
+            return 0, ctypes.get_errno()
+        return sent, 0
+
+
+def address_of(buffer: bytearray) -> tuple[int, Any]:
+    """The address of a bytearray's contents, and the object that pins it."""
+    return _address(buffer)
+
+
 def sockaddr_in(group: str, port: int) -> tuple[int, Any]:
     buf = bytearray(struct.pack("=H", socket.AF_INET) + struct.pack("!H4s", port, socket.inet_aton(group)))
     buf += bytes(16 - len(buf))

@@ -212,15 +212,62 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-        # The relay's own output is for other hosts: looping it back to local
-        # sockets would cost a copy per packet and could feed a local rule.
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
-        sock.setblocking(False)
+        _output_options(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _output_options(sock: socket.socket) -> None:
+    # The relay's own output is for other hosts: looping it back to local
+    # sockets would cost a copy per packet and could feed a local rule.
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+    # Without it the kernel refuses every send to a broadcast address (EACCES).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    force_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER)
+    sock.setblocking(False)
+
+
+def open_raw_socket(interface: str | None) -> socket.socket:
+    """A raw IPv4 socket that sends whole datagrams, headers included, out of
+    `interface` (as routed when None): for faithful outputs, whose source
+    port, source address, DSCP and DF the worker copies from each received
+    datagram. It receives nothing (protocol IPPROTO_RAW). The kernel fills in
+    the IP checksum and the identification; it never fragments such a
+    datagram (a send larger than the path's MTU fails with EMSGSIZE)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        if interface is not None:
+            index = ifindex(interface)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
+        _output_options(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def source_address(interface: str | None, dest: str) -> str | None:
+    """The address the kernel sends from to `dest` out of `interface` (as
+    routed when None): what a faithful output puts in its datagrams'
+    source; None when there is none (no IPv4 address there, no route)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            sock.setsockopt(
+                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", ifindex(interface))
+            )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.connect((dest, 9))
+        address: str = sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return None if address == "0.0.0.0" else address
 
 
 def packet_statistics(sock: socket.socket) -> tuple[int, int]:

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+
+#: `source_port = "keep"`: a relayed datagram leaves from the sender's UDP source port
+KEEP = "keep"
 
 IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 
@@ -50,9 +53,12 @@ def check_input_group(value: str) -> str:
     return str(addr)
 
 
+LIMITED_BROADCAST = "255.255.255.255"
+
+
 def check_output_group(value: str) -> str:
     addr = _parse_ipv4(value)
-    if addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+    if addr.is_unspecified:
         raise ValueError(f"{value} cannot be an output destination")
     if addr.is_loopback:
         raise ValueError(f"{value} is a loopback address: it never leaves the host")
@@ -70,6 +76,14 @@ def check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"must be from 1 to 65535, got {value}")
     return value
+
+
+def check_source_port(value: object) -> int | str:
+    if value == KEEP and isinstance(value, str):
+        return KEEP
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_port(value)
+    raise ValueError(f'must be "keep" or a port number from 1 to 65535, got {value!r}')
 
 
 def check_ttl(value: int) -> int:
@@ -97,6 +111,27 @@ def is_multicast(addr: str) -> bool:
     return ipaddress.IPv4Address(addr).is_multicast
 
 
+class Discovery(NamedTuple):
+    """A discovery protocol mcrd knows by its group and port, and what its
+    rules need by default so that relaying it works with real clients."""
+
+    name: str
+    #: relayed datagrams keep the sender's UDP source port: mDNS receivers
+    #: ignore responses from any port but 5353 (RFC 6762, section 6)
+    keep_port: bool
+    #: relayed datagrams keep the sender's address: an SSDP device answers an
+    #: M-SEARCH by unicast to the address and port it came from, so with the
+    #: relay's own address the answer would go to the relay and be lost
+    keep_address: bool
+
+
+#: by input (group, port)
+DISCOVERY: dict[tuple[str, int], Discovery] = {
+    ("224.0.0.251", 5353): Discovery("mdns", keep_port=True, keep_address=False),
+    ("239.255.255.250", 1900): Discovery("ssdp", keep_port=True, keep_address=True),
+}
+
+
 class _Strict(BaseModel):
     # strict: TOML is typed, so "5000" for a port is a mistake, not a port;
     # forbid: a misspelt key must be an error, never silently ignored.
@@ -115,6 +150,13 @@ class OutputSpec(_Strict):
     port: Port | None = None
     interface: IfName | None = None
     ttl: Ttl | None = None
+    #: "keep": the sender's source port; a number: that port; unset: the
+    #: discovery protocol's need (kept for mDNS and SSDP), else the socket's own
+    source_port: Annotated[int | str, PlainValidator(check_source_port)] | None = None
+    #: "interface": the relay's address on the output interface; "sender":
+    #: the original sender's (the relayed datagram is sent as if from it);
+    #: unset: "sender" for SSDP, else "interface"
+    source_address: Literal["interface", "sender"] | None = None
 
 
 class RateLimit(_Strict):
@@ -157,10 +199,30 @@ class Destination:
     port: int
     interface: str | None
     ttl: int
+    #: the UDP source port: KEEP (the sender's), a number, or None (the
+    #: output socket's own)
+    source_port: int | str | None = None
+    #: send as if from the original sender's address
+    keep_source: bool = False
+
+    @property
+    def faithful(self) -> bool:
+        """Whether each datagram's headers are built from the received one
+        (sent through a raw socket), not left to a UDP socket."""
+        return self.source_port is not None or self.keep_source
+
+    @property
+    def broadcast(self) -> bool:
+        return self.group == LIMITED_BROADCAST
 
     def __str__(self) -> str:
         via = f" on {self.interface}" if self.interface else ""
-        return f"{self.group}:{self.port}{via} ttl {self.ttl}"
+        extra = ""
+        if self.source_port is not None:
+            extra += f" source port {self.source_port}"
+        if self.keep_source:
+            extra += " from the sender"
+        return f"{self.group}:{self.port}{via} ttl {self.ttl}{extra}"
 
 
 class RuleSpec(_Strict):
@@ -171,23 +233,41 @@ class RuleSpec(_Strict):
     #: relay in the kernel when it can ("auto") or always in user space
     #: ("off"); unset: [daemon] offload
     offload: Literal["auto", "off"] | None = None
+    #: drop datagrams this host sent and datagrams seen again within
+    #: LOOP_WINDOW (reflected by another relay); unset: on for rules that
+    #: feed each other (two-way rules), off otherwise
+    loop_guard: bool | None = None
 
     @property
     def key(self) -> RuleKey:
         i = self.input
         return RuleKey(i.interface, i.group, i.port, i.source)
 
+    @property
+    def discovery(self) -> Discovery | None:
+        """The discovery protocol this rule relays, known by its input's group and port."""
+        return DISCOVERY.get((self.input.group, self.input.port))
+
     def destinations(self) -> list[Destination]:
         result = []
+        known = self.discovery
         for out in self.outputs:
             multicast = is_multicast(out.group)
             default_ttl = DEFAULT_MULTICAST_TTL if multicast else DEFAULT_UNICAST_TTL
+            source_port: int | str | None = out.source_port
+            if source_port is None and known is not None and known.keep_port:
+                source_port = KEEP
+            address = out.source_address
+            if address is None:
+                address = "sender" if known is not None and known.keep_address else "interface"
             result.append(
                 Destination(
                     group=out.group,
                     port=out.port if out.port is not None else self.input.port,
                     interface=out.interface,
                     ttl=out.ttl if out.ttl is not None else default_ttl,
+                    source_port=source_port,
+                    keep_source=address == "sender",
                 )
             )
         return result
@@ -229,6 +309,10 @@ def _check_outputs_per_rule(rules: list[RuleSpec]) -> list[tuple[int, str]]:
             where = f"outputs[{j}]"
             if is_multicast(dest.group) and dest.interface is None:
                 errors.append((i, f"{where}: a multicast output needs an 'interface'"))
+            if dest.broadcast and dest.interface is None:
+                errors.append(
+                    (i, f"{where}: a broadcast to {LIMITED_BROADCAST} needs an 'interface' to leave on")
+                )
             if (
                 dest.interface == rule.input.interface
                 and dest.group == rule.input.group
@@ -276,8 +360,8 @@ def feeds(dest: Destination, key: RuleKey) -> bool:
     )
 
 
-def _check_cycles(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]]:
-    """One error per set of rules that feed each other; linear in rules and outputs."""
+def _feed_edges(rules: list[RuleSpec]) -> dict[int, list[int]]:
+    """Which rules' outputs could arrive as which other rules' input (by index)."""
     by_input: dict[tuple[str, int], list[int]] = {}
     for j, rule in enumerate(rules):
         by_input.setdefault((rule.input.group, rule.input.port), []).append(j)
@@ -289,15 +373,62 @@ def _check_cycles(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]
                 if j != i and feeds(dest, rules[j].key):
                     targets[j] = None
         edges[i] = list(targets)
+    return edges
+
+
+def _cycles(rules: list[RuleSpec]) -> list[tuple[set[int], dict[int, list[int]]]]:
+    """Each set of two or more rules that feed each other, with its edges."""
+    edges = _feed_edges(rules)
+    return [
+        (component, {k: [n for n in edges[k] if n in component] for k in component})
+        for component in _strongly_connected(edges)
+        if len(component) > 1
+    ]
+
+
+def loop_guarded(rules: list[RuleSpec]) -> set[RuleKey]:
+    """The rules whose datagrams go through the loop guard: those that say
+    so, and those that feed each other (two-way and N-way rules) unless they
+    turn it off."""
+    guarded = {r.key for r in rules if r.loop_guard}
+    for component, _edges in _cycles(rules):
+        guarded |= {rules[k].key for k in component if rules[k].loop_guard is None}
+    return guarded
+
+
+#: the interface on which mcrd hears what this host itself sends
+LOOPBACK = "lo"
+
+
+def _check_cycles(rules: list[RuleSpec], label: Labeler) -> list[tuple[int, str]]:
+    """Rules that feed each other are relayed with the loop guard (see
+    `loop_guarded`); a cycle is refused only where the guard cannot make it
+    safe: when one of its rules turns the guard off, or when it runs through
+    the loopback interface, where mcrd would hear its own output and relay
+    it again at once. One error per cycle; linear in rules and outputs."""
     errors = []
-    for component in _strongly_connected(edges):
-        if len(component) < 2:
-            continue
+    for component, edges in _cycles(rules):
         start = min(component)
-        cycle = _find_cycle(start, {k: [n for n in edges[k] if n in component] for k in component})
+        cycle = _find_cycle(start, edges)
         assert cycle is not None  # a strongly connected component of two or more has one
         path = " -> ".join(label(k, rules[k]) for k in [*cycle, cycle[0]])
-        errors.append((start, f"rules feed each other in a cycle: {path}"))
+        unguarded = sorted(k for k in component if rules[k].loop_guard is False)
+        if any(rules[k].input.interface == LOOPBACK for k in component):
+            errors.append(
+                (
+                    start,
+                    f"rules feed each other in a cycle through {LOOPBACK}, "
+                    f"where mcrd hears its own output: {path}",
+                )
+            )
+        elif unguarded:
+            errors.append(
+                (
+                    start,
+                    f"rules feed each other in a cycle and {label(unguarded[0], rules[unguarded[0]])} "
+                    f"turns the loop guard off (loop_guard = false): {path}",
+                )
+            )
     return errors
 
 

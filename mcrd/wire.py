@@ -47,6 +47,12 @@ class OutputConfig:
     port: int
     socket: int  # generation of the output socket: a new one means new GSO limits
     label: str  # for the worker's log lines only
+    #: a faithful output: the worker builds each datagram's IP and UDP headers
+    #: from the received one and sends them through a raw socket
+    raw: bool = False
+    ttl: int = 0  # raw only: the TTL to send with
+    source: str | None = None  # raw only: the address to send from; None: the sender's
+    source_port: int | None = None  # raw only: the port to send from; None: the sender's
 
     def message(self) -> dict[str, Any]:
         return {
@@ -56,7 +62,26 @@ class OutputConfig:
             "port": self.port,
             "socket": self.socket,
             "label": self.label,
+            "raw": self.raw,
+            "ttl": self.ttl,
+            "source": self.source,
+            "source_port": self.source_port,
         }
+
+    @classmethod
+    def parse(cls, o: dict[str, Any]) -> OutputConfig:
+        return cls(
+            o["output"],
+            o["fd"],
+            o["group"],
+            o["port"],
+            o["socket"],
+            o["label"],
+            o["raw"],
+            o["ttl"],
+            o["source"],
+            o["source_port"],
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +95,9 @@ class RuleConfig:
     outputs: tuple[OutputConfig, ...]
     pps: int | None = None
     bps: int | None = None
+    guard: bool = False  # the loop guard: drop what this host sent, and reflections
+    #: "mdns": ask for multicast answers where a relayed query asks for unicast ones
+    rewrite: str | None = None
 
     def message(self) -> dict[str, Any]:
         return {
@@ -79,16 +107,25 @@ class RuleConfig:
             "source": self.source,
             "pps": self.pps,
             "bps": self.bps,
+            "guard": self.guard,
+            "rewrite": self.rewrite,
             "outputs": [o.message() for o in self.outputs],
         }
 
     @classmethod
     def parse(cls, m: dict[str, Any]) -> RuleConfig:
-        outputs = tuple(
-            OutputConfig(o["output"], o["fd"], o["group"], o["port"], o["socket"], o["label"])
-            for o in m["outputs"]
+        outputs = tuple(OutputConfig.parse(o) for o in m["outputs"])
+        return cls(
+            m["rule"],
+            m["group"],
+            m["port"],
+            m["source"],
+            outputs,
+            m["pps"],
+            m["bps"],
+            m["guard"],
+            m["rewrite"],
         )
-        return cls(m["rule"], m["group"], m["port"], m["source"], outputs, m["pps"], m["bps"])
 
 
 @dataclass(frozen=True)
@@ -100,6 +137,8 @@ class Configure:
     block_size: int
     block_count: int
     rules: tuple[RuleConfig, ...]
+    #: this host's addresses, for the loop guard (sorted: equal hosts, equal messages)
+    local_addresses: tuple[str, ...] = ()
 
     def message(self) -> dict[str, Any]:
         return {
@@ -107,12 +146,18 @@ class Configure:
             "packet_fd": 0,
             "ring": {"block_size": self.block_size, "block_count": self.block_count},
             "rules": [r.message() for r in self.rules],
+            "local_addresses": list(self.local_addresses),
         }
 
     @classmethod
     def parse(cls, m: dict[str, Any]) -> Configure:
         ring = m["ring"]
-        return cls(ring["block_size"], ring["block_count"], tuple(RuleConfig.parse(r) for r in m["rules"]))
+        return cls(
+            ring["block_size"],
+            ring["block_count"],
+            tuple(RuleConfig.parse(r) for r in m["rules"]),
+            tuple(m["local_addresses"]),
+        )
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from time import monotonic
@@ -24,120 +25,24 @@ from typing import Any
 
 from mcrd import fastpath, wire
 from mcrd.netio import packet_statistics
-from mcrd.packet import DROP_REASONS, Datagram, ip_to_int, parse
+from mcrd.packet import (
+    DROP_REASONS,
+    HEADER,
+    IP_DF,
+    Datagram,
+    adjust_checksum,
+    ip_to_int,
+    mdns_multicast_query,
+    negated,
+    parse,
+    udp_checksum,
+    words,
+)
 from mcrd.privdrop import drop_privileges
-from mcrd.wire import Configure, OutputConfig, RuleConfig
+from mcrd.relaying import Recent, Rule, carried_rule, tables
+from mcrd.wire import Configure
 
 log = logging.getLogger("mcrd.worker")
-
-
-class Output:
-    """One output of a rule: the socket it sends on, where to, and what it sent."""
-
-    __slots__ = (
-        "errors",
-        "fd",
-        "generation",
-        "gso_limit",
-        "ident",
-        "label",
-        "last_error",
-        "name",
-        "octets",
-        "packets",
-        "sock",
-    )
-
-    def __init__(self, sock: socket.socket, config: OutputConfig) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.ident = config.output
-        self.generation = config.socket
-        self.name = fastpath.sockaddr_in(config.group, config.port)  # (address, pin) for sendmmsg
-        self.label = config.label
-        # largest payload sent with UDP GSO: lowered when the kernel refuses
-        # (the interface's MTU), 0 when the interface cannot do it at all
-        self.gso_limit = fastpath.GSO_MAX_BYTES
-        self.packets = 0
-        self.octets = 0
-        self.errors = 0
-        self.last_error = ""
-
-    def take_over(self, prev: Output) -> None:
-        """Carry on from the same output's previous configuration."""
-        self.packets, self.octets = prev.packets, prev.octets
-        self.errors, self.last_error = prev.errors, prev.last_error
-        if prev.generation == self.generation:  # the same socket: the same limits
-            self.gso_limit = prev.gso_limit
-
-    def counters(self) -> dict[str, Any]:
-        return {
-            "output": self.ident,
-            "packets": self.packets,
-            "bytes": self.octets,
-            "errors": self.errors,
-            "last_error": self.last_error,
-        }
-
-
-class Policer:
-    """Token buckets for datagrams and bits per second, each holding 0.1 s of rate."""
-
-    __slots__ = ("bit_capacity", "bit_tokens", "bps", "last", "packet_capacity", "packet_tokens", "pps")
-
-    BURST = 0.1
-
-    def __init__(self, pps: int | None, bps: int | None, now: float) -> None:
-        self.pps = pps
-        self.bps = bps
-        self.packet_capacity = max(pps * self.BURST, 1.0) if pps else 0.0
-        self.bit_capacity = max(bps * self.BURST, 65535 * 8.0) if bps else 0.0
-        self.packet_tokens = self.packet_capacity
-        self.bit_tokens = self.bit_capacity
-        self.last = now
-
-    def allow(self, length: int, now: float) -> bool:
-        elapsed = now - self.last
-        self.last = now
-        bits = length * 8
-        if self.pps:
-            self.packet_tokens = min(self.packet_tokens + elapsed * self.pps, self.packet_capacity)
-            if self.packet_tokens < 1.0:
-                return False
-        if self.bps:
-            self.bit_tokens = min(self.bit_tokens + elapsed * self.bps, self.bit_capacity)
-            if self.bit_tokens < bits:
-                return False
-            self.bit_tokens -= bits
-        if self.pps:
-            self.packet_tokens -= 1.0
-        return True
-
-
-class Rule:
-    """One rule as the worker relays it: its outputs, policer and counts."""
-
-    __slots__ = ("addrs", "ident", "lens", "limited", "octets", "outputs", "packets", "policer")
-
-    def __init__(self, ident: int, outputs: list[Output], policer: Policer | None = None) -> None:
-        self.ident = ident
-        self.outputs = outputs
-        self.policer = policer
-        self.packets = 0
-        self.octets = 0
-        self.limited = 0
-        # the current block's datagrams for this rule: ring addresses, lengths
-        self.addrs: list[int] = []
-        self.lens: list[int] = []
-
-    def counters(self) -> dict[str, Any]:
-        return {
-            "rule": self.ident,
-            "packets": self.packets,
-            "bytes": self.octets,
-            "limited": self.limited,
-            "outputs": [o.counters() for o in self.outputs],
-        }
 
 
 class Worker:
@@ -158,6 +63,10 @@ class Worker:
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self.received = 0
         self.running = True
+        self.raw_sender: fastpath.RawSender | None = None
+        # the loop guard: this host's addresses, and what it relayed lately
+        self.local: frozenset[int] = frozenset()
+        self.recent = Recent()
 
     # -- control -----------------------------------------------------------
 
@@ -173,9 +82,11 @@ class Worker:
             self.ring = mapped
             # a block holds at most one frame per 64 bytes
             self.sender = fastpath.Sender(config.block_size // 64)
+            self.raw_sender = fastpath.RawSender(config.block_size // 64)
+        self.local = frozenset(ip_to_int(a) for a in config.local_addresses)
         old = {r.ident: r for r in self.rules}
-        rules = [_carried_rule(spec, socks, old.get(spec.rule)) for spec in config.rules]
-        self.table, self.fast = _tables(config.rules, rules)
+        rules = [carried_rule(spec, socks, old.get(spec.rule)) for spec in config.rules]
+        self.table, self.fast = tables(config.rules, rules)
         self.rules = rules
         for sock in self.owned:  # new descriptors for the same sockets arrived
             sock.close()
@@ -292,6 +203,12 @@ class Worker:
             self.drops["unmatched"] += 1
             return
         size = dgram.end - dgram.start
+        if rule.guard and (
+            dgram.source in self.local
+            or self.recent.again(hash(bytes(ring.view[at + dgram.start : at + dgram.end])), monotonic())
+        ):
+            rule.looped += 1  # this host sent it, or another relay reflected it back
+            return
         if rule.policer is not None:
             rule.packets += 1
             rule.octets += size
@@ -304,6 +221,82 @@ class Worker:
             touched.append(rule)
         rule.addrs.append(ring.base + at + dgram.start)
         rule.lens.append(size)
+        if rule.raw:
+            self.hold(rule, ring, pos, at, dgram)
+
+    def hold(self, rule: Rule, ring: fastpath.Ring, pos: int, at: int, dgram: Datagram) -> None:
+        """Keep a datagram for the rule's faithful outputs, with what its
+        checksum must be computed afresh from, if anything: a payload the
+        relay rewrote, or one whose checksum the sender left to offload
+        (a partial one, as from a local sender over veth)."""
+        address, pin, fresh = ring.base + at + dgram.start, None, None
+        partial = _TP_STATUS.unpack_from(ring.map, pos + 20)[0] & TP_STATUS_CSUMNOTREADY
+        if partial or rule.rewrite is not None:
+            payload = bytes(ring.view[at + dgram.start : at + dgram.end])
+            changed = mdns_multicast_query(payload) if rule.rewrite == "mdns" else None
+            if changed is not None:
+                buffer = bytearray(changed)
+                address, pinned = fastpath.address_of(buffer)
+                pin, payload = (buffer, pinned), changed
+            if partial or (changed is not None and dgram.checksum):
+                fresh = payload
+        rule.held.append((address, dgram.end - dgram.start, dgram, fresh, pin))
+
+    def send_raw(self, rule: Rule) -> None:
+        """Send the held datagrams to each faithful output: headers built from
+        the received ones (DSCP and ECN, DF and, unless the output sets them,
+        the source port and address kept; TTL and destination the output's),
+        the UDP checksum updated for what changed."""
+        sender = self.raw_sender
+        assert sender is not None
+        held = rule.held
+        headers, pack = sender.headers, HEADER.pack_into
+        for out in rule.raw:
+            for i, (address, size, d, fresh, _pin) in enumerate(held):
+                src = d.source if out.source is None else out.source
+                sport = d.sport if out.sport is None else out.sport
+                if fresh is not None:
+                    csum = udp_checksum(src, out.dst, sport, out.dport, fresh)
+                else:
+                    delta = out.delta
+                    if src != d.source:
+                        delta += words(src) + negated(d.source)
+                    if sport != d.sport:
+                        delta += sport + (~d.sport & 0xFFFF)
+                    csum = adjust_checksum(d.checksum, delta)
+                frag = IP_DF if d.dont_fragment else 0
+                pack(
+                    headers,
+                    28 * i,
+                    0x45,
+                    d.tos,
+                    28 + size,
+                    0,
+                    frag,
+                    out.ttl,
+                    17,
+                    0,
+                    src,
+                    out.dst,
+                    sport,
+                    out.dport,
+                    8 + size,
+                    csum,
+                )
+                sender.load(i, address, size)
+            k = 0
+            while k < len(held):
+                sent, err = sender.send(out.fd, out.name[0], k, len(held) - k)
+                for j in range(k, k + sent):
+                    out.packets += 1
+                    out.octets += held[j][1]
+                k += sent
+                if err:
+                    failed = len(held) - k if err in _QUEUE_FULL else 1
+                    out.errors += failed
+                    out.last_error = fastpath.errno_name(err)
+                    k += failed
+        held.clear()
 
     def send(self, rule: Rule) -> None:
         sender = self.sender
@@ -312,8 +305,10 @@ class Worker:
         total_packets, total_octets = len(lens), sum(lens)
         rule.packets += total_packets
         rule.octets += total_octets
+        if rule.raw:
+            self.send_raw(rule)
         sender.load(addrs, lens)
-        for out in rule.outputs:
+        for out in rule.udp:
             plan = sender.plan(out.gso_limit)
             k = 0
             while k < len(plan):
@@ -377,49 +372,9 @@ class Worker:
 #: kernels), or no checksum offload or GSO on the interface at all
 _NO_GSO = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
-
-
-def _carried_rule(spec: RuleConfig, socks: list[socket.socket], old: Rule | None) -> Rule:
-    """A rule as configured, carrying on the counts (and policer, if its
-    limit is the same) of the rule of the same identity before: a reload
-    does not reset what was counted."""
-    old_outputs = {o.ident: o for o in old.outputs} if old else {}
-    outputs = []
-    for o in spec.outputs:
-        out = Output(socks[o.fd], o)
-        prev = old_outputs.get(o.output)
-        if prev is not None:
-            out.take_over(prev)
-        outputs.append(out)
-    policer = None
-    if spec.pps or spec.bps:
-        kept = old.policer if old is not None else None
-        same = kept is not None and (kept.pps, kept.bps) == (spec.pps, spec.bps)
-        policer = kept if same else Policer(spec.pps, spec.bps, monotonic())
-    rule = Rule(spec.rule, outputs, policer)
-    if old is not None:
-        rule.packets, rule.octets, rule.limited = old.packets, old.octets, old.limited
-    return rule
-
-
-def _tables(
-    specs: tuple[RuleConfig, ...], rules: list[Rule]
-) -> tuple[dict[int, Rule | dict[int | None, Rule]], dict[int, Rule]]:
-    """The lookup tables: by (group << 16 | port), a rule or {source: rule};
-    and for the fast path, rules without source or rate limit by group and
-    port as read from the wire."""
-    by_source: dict[int, dict[int | None, Rule]] = {}
-    for spec, rule in zip(specs, rules, strict=True):
-        source = ip_to_int(spec.source) if spec.source else None
-        by_source.setdefault(ip_to_int(spec.group) << 16 | spec.port, {})[source] = rule
-    table: dict[int, Rule | dict[int | None, Rule]] = {}
-    fast: dict[int, Rule] = {}
-    for key, choices in by_source.items():
-        only = choices.get(None)
-        table[key] = only if only is not None and len(choices) == 1 else choices
-        if only is not None and len(choices) == 1 and only.policer is None:
-            fast[fastpath.native_key(key >> 16, key & 0xFFFF)] = only
-    return table, fast
+#: tpacket3_hdr.tp_status: the checksum is left to offload (only partly computed)
+_TP_STATUS = struct.Struct("=I")
+TP_STATUS_CSUMNOTREADY = 0x8
 
 
 def _readable(sock: socket.socket) -> bool:

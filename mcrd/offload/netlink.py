@@ -14,6 +14,7 @@ from mcrd.offload.plan import Egress, Iface, egress_for
 from mcrd.rules import Destination, RuleSpec, is_multicast
 
 ARPHRD_ETHER = 1
+RTN_BROADCAST = 3
 IFA_F_SECONDARY = 0x01
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
@@ -28,6 +29,7 @@ def gather(specs: list[RuleSpec]) -> tuple[dict[str, Iface], dict[Destination, E
     addresses: dict[int, list[str]] = {}
     neighbours: dict[tuple[int, str], str] = {}
     routes: dict[Destination, tuple[str, str] | None] = {}
+    broadcasts: set[Destination] = set()
     with IPRoute() as ipr:
         for msg in ipr.get_links():
             name = msg.get_attr("IFLA_IFNAME")
@@ -57,12 +59,14 @@ def gather(specs: list[RuleSpec]) -> tuple[dict[str, Iface], dict[Destination, E
                 found.get_attr("RTA_PREFSRC") or "",
                 found.get_attr("RTA_GATEWAY") or dest.group,
             )
+            if found.get("type") == RTN_BROADCAST:
+                broadcasts.add(dest)
         for msg in ipr.get_neighbours(family=socket.AF_INET):
             mac = msg.get_attr("NDA_LLADDR")
             if mac and msg.get("state", 0) & NUD_USABLE:
                 neighbours[msg["ifindex"], msg.get_attr("NDA_DST")] = mac
     egress = {
-        d: egress_for(d, ifaces, addresses, routes.get(d), neighbours)
+        d: egress_for(d, ifaces, addresses, routes.get(d), neighbours, d in broadcasts)
         for s in specs
         for d in s.destinations()
     }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mcrd.offload.programs import KernelOutput, KernelRule
-from mcrd.rules import Destination, RuleKey, RuleSpec, is_multicast
+from mcrd.rules import Destination, RuleKey, RuleSpec, is_multicast, loop_guarded
 
 OffloadMode = Literal["off", "auto"]
 MAX_MTU = 65535
@@ -95,7 +95,11 @@ def plan_offload(
     if it can); `refused`: rules whose program the kernel would not take,
     and why."""
     specs = list(specs)
-    why = {s.key: _why_not(s, mode_of, ifaces, egress, unavailable, refused or {}) for s in specs}
+    guarded = loop_guarded(specs)
+    why = {
+        s.key: _why_not(s, mode_of, ifaces, egress, unavailable, refused or {}, s.key in guarded)
+        for s in specs
+    }
     # A source-specific rule in user space needs its datagrams to reach the
     # worker: the kernel must not relay them by the catch-all of the same
     # group and port, so that stays in user space too.
@@ -145,6 +149,7 @@ def _why_not(
     egress: Mapping[Destination, Egress],
     unavailable: str,
     refused: Mapping[RuleKey, str],
+    guarded: bool = False,
 ) -> str:
     """Why a rule stays in user space; "" if the kernel can relay it."""
     if mode_of.get(spec.key, "off") == "off":
@@ -153,6 +158,16 @@ def _why_not(
         return unavailable
     if spec.rate_limit is not None:
         return "rate limits are policed in user space"
+    if guarded:
+        return "the loop guard runs in user space"
+    known = spec.discovery
+    if known is not None and known.name == "mdns":
+        return "mDNS queries are rewritten in user space (unicast-response questions)"
+    for dest in spec.destinations():
+        if dest.keep_source:
+            return f"output {dest} keeps the sender's address, which user space does"
+        if isinstance(dest.source_port, int):
+            return f"output {dest} sets the source port, which user space does"
     iface = ifaces.get(spec.input.interface)
     if iface is None:
         return f"no interface named {spec.input.interface!r}"
@@ -167,17 +182,22 @@ def _why_not(
     return refused.get(spec.key, "")
 
 
+BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
+
+
 def egress_for(
     dest: Destination,
     ifaces: Mapping[str, Iface],
     addresses: Mapping[int, list[str]],
     route: tuple[str, str] | None,
     neighbours: Mapping[tuple[int, str], str],
+    broadcast: bool = False,
 ) -> Egress:
     """How `dest` leaves: `route` is (source address, next hop) as the
     kernel's route lookup gave them for a unicast destination, `addresses`
     the interfaces' IPv4 addresses in the kernel's order, `neighbours` the
-    resolved link-layer addresses by (interface index, address)."""
+    resolved link-layer addresses by (interface index, address);
+    `broadcast`: the route to `dest` is a subnet's broadcast."""
     if dest.interface is None:
         return Egress(problem="names no interface")
     iface = ifaces.get(dest.interface)
@@ -185,14 +205,16 @@ def egress_for(
         return Egress(problem=f"no interface named {dest.interface!r}")
     if not iface.ethernet:
         return Egress(problem=f"{iface.name} is not an Ethernet interface")
-    if is_multicast(dest.group):
+    if is_multicast(dest.group) or dest.broadcast:
         own = addresses.get(iface.index, [])
         if not own:
             return Egress(problem=f"{iface.name} has no IPv4 address")
-        return Egress(iface, own[0], multicast_mac(dest.group))
+        return Egress(iface, own[0], BROADCAST_MAC if dest.broadcast else multicast_mac(dest.group))
     if route is None:
         return Egress(problem=f"no route to {dest.group} on {iface.name}")
     source, hop = route
+    if broadcast:
+        return Egress(iface, source, BROADCAST_MAC)
     mac = neighbours.get((iface.index, hop))
     if mac is None:
         return Egress(problem=f"next hop {hop} is not resolved yet")

@@ -17,7 +17,7 @@ from typing import Any
 from mcrd.links import Link, Snapshot
 from mcrd.netio import RingSpec
 from mcrd.offload.plan import OffloadMode
-from mcrd.rules import RuleSpec
+from mcrd.rules import RuleSpec, loop_guarded
 from mcrd.supervisor import views
 from mcrd.supervisor.kernel import KernelPath
 from mcrd.supervisor.outputs import OutputPool, describe_os_error
@@ -38,6 +38,10 @@ log = logging.getLogger("mcrd")
 
 SAMPLE_INTERVAL = 1.0
 LATE_AFTER = 3.0  # a worker silent this long holds back the watchdog
+
+
+def local_addresses(snapshot: Snapshot) -> frozenset[str]:
+    return frozenset(a for link in snapshot.values() for a in link.addresses)
 
 
 class Supervisor:
@@ -92,12 +96,14 @@ class Supervisor:
             self._links_dirty = False
             await self.reconcile("interfaces changed")
 
-    def _relevant(self, snapshot: Snapshot) -> dict[str, Link]:
+    def _relevant(self, snapshot: Snapshot) -> tuple[dict[str, Link], frozenset[str]]:
+        """What of the links the rules depend on: those they name, and all of
+        this host's addresses (the loop guard's and faithful outputs' concern)."""
         rules = self.desired
         names = {s.input.interface for s in rules} | {
             d.interface for s in rules for d in s.destinations() if d.interface
         }
-        return {n: link for n, link in snapshot.items() if n in names}
+        return {n: link for n, link in snapshot.items() if n in names}, local_addresses(snapshot)
 
     def link(self, name: str) -> Link | None:
         if self.links is None:  # no netlink (yet): ask the kernel directly
@@ -127,6 +133,8 @@ class Supervisor:
             for name in [n for n in self.ports if n not in wanted]:
                 await self._close_port(self.ports.pop(name), "no rules")
             self.workers.retain(rules)
+            self.workers.guarded = loop_guarded(rules)
+            self.workers.local_addresses = tuple(sorted(local_addresses(self.links or {})))
             for name, specs in wanted.items():
                 port = self.ports.setdefault(name, InputPort(name))
                 port.rules = specs

@@ -1,4 +1,5 @@
-"""The output socket pool: one UDP socket per (interface, TTL) the rules send with.
+"""The output socket pool: one UDP socket per (interface, TTL) the rules send with,
+and one raw socket per interface faithful outputs send through.
 
 Rules share these sockets (a worker gets descriptors of them). Each socket
 carries a generation number, new for every socket opened, so that a worker
@@ -23,13 +24,18 @@ log = logging.getLogger("mcrd")
 
 
 class OutputKey(NamedTuple):
-    """What output sockets are shared by: the interface (None: as routed) and the TTL."""
+    """What output sockets are shared by: the interface (None: as routed), the
+    TTL, and whether the socket is raw (faithful outputs put the TTL in each
+    datagram's header: their key's TTL is 0)."""
 
     interface: str | None
     ttl: int
+    raw: bool = False
 
     @classmethod
     def of(cls, dest: Destination) -> OutputKey:
+        if dest.faithful:
+            return cls(dest.interface, 0, True)
         return cls(dest.interface, dest.ttl)
 
 
@@ -63,14 +69,28 @@ class OutputPool:
     def __init__(self, net: NetIO) -> None:
         self.net = net
         self.sockets: dict[OutputKey, OutputSocket] = {}
+        #: faithful outputs that send from the relay's address: which one
+        #: (None: there is none to send from)
+        self.sources: dict[Destination, str | None] = {}
         self._generations = 0
 
     def get(self, dest: Destination) -> OutputSocket | None:
         return self.sockets.get(OutputKey.of(dest))
 
+    def source(self, dest: Destination) -> str | None:
+        """The address a faithful output sends from; None: the sender's (or none found)."""
+        return self.sources.get(dest)
+
     def open(self, destinations: Iterable[Destination], link: Callable[[str], Link | None]) -> None:
         """Open (or reopen, or note why not) a socket for every key the
         destinations use; leave sockets whose interface is unchanged alone."""
+        destinations = list(destinations)
+        # asked again on every pass: an interface's addresses come and go
+        self.sources = {
+            d: self.net.source_address(d.interface, d.group)
+            for d in destinations
+            if d.faithful and not d.keep_source
+        }
         for key in dict.fromkeys(OutputKey.of(d) for d in destinations):
             current = self.sockets.get(key)
             found = link(key.interface) if key.interface else None
@@ -81,11 +101,15 @@ class OutputPool:
             if current is not None and current.sock is not None and current.ifindex == index:
                 continue
             try:
-                sock = self.net.open_output_socket(key.interface, key.ttl)
+                if key.raw:
+                    sock = self.net.open_raw_socket(key.interface)
+                else:
+                    sock = self.net.open_output_socket(key.interface, key.ttl)
             except OSError as exc:
                 self._replace(key, None, None, describe_os_error(exc))
                 why = describe_os_error(exc)
-                log.warning("output via %s ttl %d unavailable: %s", key.interface or "routing", key.ttl, why)
+                what = "raw" if key.raw else f"ttl {key.ttl}"
+                log.warning("output via %s %s unavailable: %s", key.interface or "routing", what, why)
                 continue
             self._replace(key, sock, index)
 
@@ -103,6 +127,11 @@ class OutputPool:
         out = self.get(dest)
         if out is None or out.sock is None:
             return OutputState.PENDING, out.reason if out else "not opened yet"
+        if dest.faithful and not dest.keep_source and self.source(dest) is None:
+            return (
+                OutputState.PENDING,
+                f"no IPv4 address to send from{' on ' + dest.interface if dest.interface else ''}",
+            )
         found = link(dest.interface) if dest.interface else None
         if found is not None and not found.up:
             return OutputState.DOWN, "interface is down"

@@ -190,6 +190,10 @@ class Workers:
         self.rule_ids: Identities[RuleKey] = Identities()
         self.output_ids: Identities[Destination] = Identities()
         self.stopping = False
+        #: the rules under the loop guard, and this host's addresses (set by
+        #: each reconcile pass before it configures the workers)
+        self.guarded: set[RuleKey] = set()
+        self.local_addresses: tuple[str, ...] = ()
 
     def retain(self, rules: list[RuleSpec]) -> None:
         self.rule_ids.retain({s.key for s in rules})
@@ -206,12 +210,29 @@ class Workers:
                 out = self.outputs.get(dest)
                 if out is None or out.sock is None:
                     continue
+                source = self.outputs.source(dest)
+                if dest.faithful and not dest.keep_source and source is None:
+                    continue  # nothing to send from (yet): pending
                 if out.generation not in index:
                     index[out.generation] = len(fds)
                     fds.append(out.sock.fileno())
                 fd, ident = index[out.generation], self.output_ids.of(dest)
-                outs.append(wire.OutputConfig(ident, fd, dest.group, dest.port, out.generation, str(dest)))
+                outs.append(
+                    wire.OutputConfig(
+                        ident,
+                        fd,
+                        dest.group,
+                        dest.port,
+                        out.generation,
+                        str(dest),
+                        raw=dest.faithful,
+                        ttl=dest.ttl if dest.faithful else 0,
+                        source=source,
+                        source_port=dest.source_port if isinstance(dest.source_port, int) else None,
+                    )
+                )
             limit = spec.rate_limit
+            known = spec.discovery
             i = spec.input
             rules.append(
                 wire.RuleConfig(
@@ -222,9 +243,14 @@ class Workers:
                     tuple(outs),
                     limit.pps if limit else None,
                     limit.bps if limit else None,
+                    guard=spec.key in self.guarded,
+                    rewrite="mdns" if known is not None and known.name == "mdns" else None,
                 )
             )
-        return wire.Configure(self.ring.block_size, self.ring.block_count, tuple(rules)), fds
+        config = wire.Configure(
+            self.ring.block_size, self.ring.block_count, tuple(rules), self.local_addresses
+        )
+        return config, fds
 
     async def push(self, port: InputPort, lane: Lane) -> None:
         """Send the lane's worker its configuration, if it changed."""

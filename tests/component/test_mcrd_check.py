@@ -43,7 +43,7 @@ def test_check_accepts_the_shipped_example(tmp_path: Path) -> None:
     example = Path(__file__).parents[2] / "etc" / "mcr.toml"
     result = _mcrd(tmp_path, "--check", "--config", str(example))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{example}: OK, 2 rule(s)\n"
+    assert result.stdout == f"{example}: OK, 6 rule(s)\n"
 
 
 def test_check_of_a_missing_file_fails(tmp_path: Path) -> None:

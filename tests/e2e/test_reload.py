@@ -168,7 +168,8 @@ BROKEN = {
     "syntax": "this is not toml ]]\n",
     "bad-port": x_rule().replace("port = 6000", "port = 99999"),
     "unknown-key": x_rule().replace('name = "x"', 'name = "x"\nnmae = "y"'),
-    "cycle": x_rule() + '[[rule]]\ninput = { interface = "out0", group = "239.2.2.2", port = 6000 }\n'
+    "cycle": x_rule() + "[[rule]]\nloop_guard = false\n"
+    'input = { interface = "out0", group = "239.2.2.2", port = 6000 }\n'
     'outputs = [ { interface = "in0", group = "239.1.1.1", port = 5000 } ]\n',
     "binary": "\x00\x01\x02",
 }

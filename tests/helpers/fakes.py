@@ -53,6 +53,7 @@ class FakeNet:
     live: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # by inode
     filters: dict[int, frozenset[FilterEntry]] = field(default_factory=dict)  # by inode
     closing: list[Callable[[FakeSocket], None]] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)  # an interface's address to send from
 
     def _socket(self, *what: Any) -> FakeSocket:
         sock = FakeSocket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -102,6 +103,14 @@ class FakeNet:
         if interface is not None:
             self.ifindex(interface)
         return self._socket("output", interface, ttl)
+
+    def open_raw_socket(self, interface: str | None) -> socket.socket:
+        if interface is not None:
+            self.ifindex(interface)
+        return self._socket("raw", interface)
+
+    def source_address(self, interface: str | None, dest: str) -> str | None:
+        return self.addresses.get(interface or "")
 
 
 class FakeWorker:
@@ -177,6 +186,7 @@ class FakeWorker:
                     "packets": self.packets,
                     "bytes": self.packets * 100,
                     "limited": 0,
+                    "looped": 0,
                     "outputs": [
                         {
                             "output": o.output,

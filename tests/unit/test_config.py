@@ -157,9 +157,35 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         ["bad.toml:3: rule 1: outputs[0].group: 0.0.0.0 cannot be an output destination"],
     ),
     (
-        "output-broadcast",
-        rule(outputs='{ interface = "eth1", group = "255.255.255.255" }'),
-        ["bad.toml:3: rule 1: outputs[0].group: 255.255.255.255 cannot be an output destination"],
+        "output-broadcast-without-interface",
+        rule(outputs='{ group = "255.255.255.255", port = 9 }'),
+        ["bad.toml:1: rule 1: outputs[0]: a broadcast to 255.255.255.255 needs an 'interface' to leave on"],
+    ),
+    (
+        "output-any",
+        rule(outputs='{ interface = "eth1", group = "0.0.0.0" }'),
+        ["bad.toml:3: rule 1: outputs[0].group: 0.0.0.0 cannot be an output destination"],
+    ),
+    (
+        "output-source-port",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", source_port = "sender" }'),
+        [
+            'bad.toml:3: rule 1: outputs[0].source_port: must be "keep" or a port number from 1 to 65535, '
+            "got 'sender'",
+        ],
+    ),
+    (
+        "output-source-port-zero",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", source_port = 0 }'),
+        ["bad.toml:3: rule 1: outputs[0].source_port: must be from 1 to 65535, got 0"],
+    ),
+    (
+        "output-source-address",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", source_address = "relay" }'),
+        [
+            "bad.toml:3: rule 1: outputs[0].source_address: "
+            "must be one of 'interface' or 'sender', got 'relay'",
+        ],
     ),
     (
         "output-loopback",
@@ -248,7 +274,7 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         ["bad.toml:5: rule 2 ('cam'): name 'cam' is already used by rule 1 ('cam')"],
     ),
     (
-        "cycle-of-two",
+        "cycle-without-guard",
         rule(
             'interface = "eth0", group = "239.1.1.1", port = 5000',
             '{ interface = "eth1", group = "239.2.2.2" }',
@@ -256,15 +282,21 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         + rule(
             'interface = "eth1", group = "239.2.2.2", port = 5000',
             '{ interface = "eth0", group = "239.1.1.1" }',
+            extra="loop_guard = false\n",
         ),
-        ["bad.toml:1: rule 1: rules feed each other in a cycle: rule 1 -> rule 2 -> rule 1"],
+        [
+            "bad.toml:1: rule 1: rules feed each other in a cycle and rule 2 turns the loop guard off "
+            "(loop_guard = false): rule 1 -> rule 2 -> rule 1"
+        ],
     ),
     (
-        "cycle-of-three",
-        rule('interface = "a", group = "239.0.0.1", port = 1', '{ interface = "b", group = "239.0.0.2" }')
-        + rule('interface = "b", group = "239.0.0.2", port = 1', '{ interface = "c", group = "239.0.0.3" }')
-        + rule('interface = "c", group = "239.0.0.3", port = 1', '{ interface = "a", group = "239.0.0.1" }'),
-        ["bad.toml:1: rule 1: rules feed each other in a cycle: rule 1 -> rule 2 -> rule 3 -> rule 1"],
+        "cycle-through-loopback",
+        rule('interface = "a", group = "239.0.0.1", port = 1', '{ interface = "lo", group = "239.0.0.2" }')
+        + rule('interface = "lo", group = "239.0.0.2", port = 1', '{ interface = "a", group = "239.0.0.1" }'),
+        [
+            "bad.toml:1: rule 1: rules feed each other in a cycle through lo, where mcrd hears its own "
+            "output: rule 1 -> rule 2 -> rule 1"
+        ],
     ),
     (
         "several-at-once",

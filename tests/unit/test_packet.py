@@ -11,7 +11,7 @@ from tests.helpers.packets import ipv4_udp
 def test_parse_a_datagram() -> None:
     pkt = ipv4_udp(b"payload!")
     d = parse(pkt, len(pkt))
-    assert d == Datagram(ip_to_int("192.0.2.10"), ip_to_int("239.1.1.1"), 5000, 28, 36)
+    assert d[:5] == (ip_to_int("192.0.2.10"), ip_to_int("239.1.1.1"), 5000, 28, 36)
     assert isinstance(d, Datagram) and pkt[d.start : d.end] == b"payload!"
 
 

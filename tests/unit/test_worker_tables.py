@@ -12,9 +12,9 @@ import pytest
 
 from mcrd import fastpath
 from mcrd.packet import ip_to_int
+from mcrd.relaying import Output, Policer, Rule, carried_rule, tables
 from mcrd.supervisor.workers import BACKOFF_MAX, Identities, backoff_delay
 from mcrd.wire import OutputConfig, RuleConfig
-from mcrd.worker import Output, Policer, Rule, _carried_rule, _tables
 
 # -- the policer -----------------------------------------------------------
 
@@ -136,7 +136,7 @@ def counted(rule: Rule) -> Rule:
 
 
 def test_new_rule_starts_from_zero(socks: list[socket.socket]) -> None:
-    rule = _carried_rule(spec(1, (out(7, 1),)), socks, None)
+    rule = carried_rule(spec(1, (out(7, 1),)), socks, None)
     assert (rule.ident, rule.packets, rule.octets, rule.limited) == (1, 0, 0, 0)
     assert rule.policer is None
     [o] = rule.outputs
@@ -144,9 +144,9 @@ def test_new_rule_starts_from_zero(socks: list[socket.socket]) -> None:
 
 
 def test_rule_carries_its_counts_and_its_outputs(socks: list[socket.socket]) -> None:
-    old = counted(_carried_rule(spec(1, (out(7, 1), out(8, 2))), socks, None))
+    old = counted(carried_rule(spec(1, (out(7, 1), out(8, 2))), socks, None))
     # reconfigured: output 8 gone, output 9 new, output 7 now on another descriptor
-    new = _carried_rule(spec(1, (out(9, 1), out(7, 2))), socks, old)
+    new = carried_rule(spec(1, (out(9, 1), out(7, 2))), socks, old)
     assert (new.packets, new.octets, new.limited) == (10, 1000, 3)
     fresh, kept = new.outputs
     assert (fresh.ident, fresh.packets, fresh.octets, fresh.errors, fresh.last_error) == (9, 0, 0, 0, "")
@@ -155,25 +155,25 @@ def test_rule_carries_its_counts_and_its_outputs(socks: list[socket.socket]) -> 
 
 
 def test_gso_limit_is_carried_only_on_the_same_socket(socks: list[socket.socket]) -> None:
-    old = _carried_rule(spec(1, (out(7, 1, generation=1), out(8, 2, generation=1))), socks, None)
+    old = carried_rule(spec(1, (out(7, 1, generation=1), out(8, 2, generation=1))), socks, None)
     for o in old.outputs:
         o.gso_limit = 1400  # the kernel refused larger runs on this socket
-    new = _carried_rule(spec(1, (out(7, 1, generation=1), out(8, 2, generation=2))), socks, old)
+    new = carried_rule(spec(1, (out(7, 1, generation=1), out(8, 2, generation=2))), socks, old)
     same, replaced = new.outputs
     assert same.gso_limit == 1400
     assert replaced.gso_limit == fastpath.GSO_MAX_BYTES
 
 
 def test_policer_kept_while_the_limit_is_the_same(socks: list[socket.socket]) -> None:
-    old = _carried_rule(spec(1, (out(7, 1),), pps=100), socks, None)
+    old = carried_rule(spec(1, (out(7, 1),), pps=100), socks, None)
     assert old.policer is not None
-    same = _carried_rule(spec(1, (out(7, 1),), pps=100), socks, old)
+    same = carried_rule(spec(1, (out(7, 1),), pps=100), socks, old)
     assert same.policer is old.policer  # its tokens, already spent, stay spent
-    changed = _carried_rule(spec(1, (out(7, 1),), pps=200), socks, same)
+    changed = carried_rule(spec(1, (out(7, 1),), pps=200), socks, same)
     assert changed.policer is not None
     assert changed.policer is not old.policer
     assert (changed.policer.pps, changed.policer.bps) == (200, None)
-    lifted = _carried_rule(spec(1, (out(7, 1),)), socks, changed)
+    lifted = carried_rule(spec(1, (out(7, 1),)), socks, changed)
     assert lifted.policer is None
 
 
@@ -186,8 +186,8 @@ def test_tables_by_group_port_and_source(socks: list[socket.socket]) -> None:
         spec(5, (out(7, 1),), group="239.1.1.3"),  # a source-less rule beside a sourced one
         spec(6, (out(7, 1),), group="239.1.1.3", source="192.0.2.9"),
     )
-    rules = [_carried_rule(s, socks, None) for s in specs]
-    table, fast = _tables(specs, rules)
+    rules = [carried_rule(s, socks, None) for s in specs]
+    table, fast = tables(specs, rules)
     by_id = {r.ident: r for r in rules}
 
     def key(group: str) -> int:
