@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mcrd.rules import InputSpec, OutputSpec, RateLimit, RuleSpec, check_rule_set, rule_label
+from mcrd.rules import InputSpec, OutputSpec, RateLimit, ReflectSpec, RuleSpec, check_rule_set, rule_label
 from mcrd.settings import DaemonOptions
 
 
@@ -28,6 +28,7 @@ class RuleFile(BaseModel):
 
     daemon: DaemonOptions = DaemonOptions()
     rule: list[RuleSpec] = []
+    reflect: list[ReflectSpec] = []
 
 
 @dataclass
@@ -102,23 +103,54 @@ def parse_config(text: str, path: Path) -> LoadedConfig:
     except ValidationError as exc:
         errors = [_format_error(path, lines, data, err) for err in exc.errors()]
         raise ConfigError(path, errors) from None
-    problems = check_rule_set(parsed.rule)
+    rules = list(parsed.rule)
+    # where each rule comes from: ("rule", index) or ("reflect", index)
+    origins: list[tuple[str, int]] = [("rule", i) for i in range(len(rules))]
+    for k, reflect in enumerate(parsed.reflect):
+        expanded = reflect.rules()
+        rules += expanded
+        origins += [("reflect", k)] * len(expanded)
+
+    def label(i: int, rule: RuleSpec) -> str:
+        kind, k = origins[i]
+        if kind == "rule":
+            return rule_label(k, rule.name)
+        named = f" ({parsed.reflect[k].name!r})" if parsed.reflect[k].name else ""
+        return f"reflect {k + 1}{named} on {rule.input.interface}"
+
+    def line(i: int) -> int:
+        kind, k = origins[i]
+        return lines.rule(k) if kind == "rule" else lines.table("reflect", k)
+
+    problems = check_rule_set(rules, label)
     if problems:
-        raise ConfigError(
-            path,
-            [f"{path}:{lines.rule(i)}: {rule_label(i, parsed.rule[i].name)}: {msg}" for i, msg in problems],
-        )
-    return LoadedConfig(path, parsed.rule, parsed.daemon)
+        raise ConfigError(path, [f"{path}:{line(i)}: {label(i, rules[i])}: {msg}" for i, msg in problems])
+    return LoadedConfig(path, rules, parsed.daemon)
 
 
 class _LineFinder:
     """Best-effort line numbers: tomllib does not report where a value stood."""
 
     _RULE = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
+    _REFLECT = re.compile(r"^\s*\[\[\s*reflect\s*\]\]")
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
         self.rule_starts = [n for n, line in enumerate(self.lines) if self._RULE.match(line)]
+        self.reflect_starts = [n for n, line in enumerate(self.lines) if self._REFLECT.match(line)]
+
+    def table(self, kind: str, index: int, key: str | None = None) -> int:
+        """The line of the `index`th [[reflect]] table (or of `key` in it)."""
+        starts = self.reflect_starts
+        if index >= len(starts):
+            return 1
+        start = starts[index]
+        if key is not None:
+            ends = [n for n in self.rule_starts + starts if n > start]
+            found = self._find_key(key, start, min(ends, default=len(self.lines)))
+            if found is not None:
+                return found + 1
+        return start + 1
 
     def rule(self, index: int, key: str | None = None) -> int:
         if index >= len(self.rule_starts):
@@ -163,6 +195,7 @@ _KEYS: dict[str, list[str]] = {
     "input": list(InputSpec.model_fields),
     "output": list(OutputSpec.model_fields),
     "rate_limit": list(RateLimit.model_fields),
+    "reflect": list(ReflectSpec.model_fields),
 }
 
 _TOML_TYPES = {
@@ -184,6 +217,8 @@ def _context(loc: tuple[int | str, ...]) -> str:
         return "top"
     if loc[0] == "daemon":
         return "daemon"
+    if loc[0] == "reflect":
+        return "reflect"
     if len(loc) == 3:
         return "rule"
     if len(loc) == 4 and loc[2] == "input":
@@ -207,6 +242,8 @@ def _describe(err: Any, loc: tuple[int | str, ...]) -> str:
         return str(err["ctx"]["error"])
     if kind == "too_short" and loc[-1] == "outputs":
         return "needs at least one output"
+    if kind == "too_short" and loc[-1] == "interfaces":
+        return "needs at least two interfaces"
     if kind in ("string_type", "int_type", "bool_type", "float_type"):
         want = {
             "string_type": "a string",
@@ -262,6 +299,11 @@ def _format_error(path: Path, lines: _LineFinder, data: dict[str, Any], err: Any
         key = str(loc[2]) if len(loc) > 2 else None
         field_path = _format_loc(loc[2:])
         prefix = f"{path}:{lines.rule(index, key)}: {rule_label(index, name)}"
+        return f"{prefix}: {field_path}: {message}" if field_path else f"{prefix}: {message}"
+    if len(loc) >= 2 and loc[0] == "reflect" and isinstance(loc[1], int):
+        key = str(loc[2]) if len(loc) > 2 else None
+        field_path = _format_loc(loc[2:])
+        prefix = f"{path}:{lines.table('reflect', loc[1], key)}: reflect {loc[1] + 1}"
         return f"{prefix}: {field_path}: {message}" if field_path else f"{prefix}: {message}"
     if loc and loc[0] == "daemon" and len(loc) > 1:
         return f"{path}:{lines.top('daemon', str(loc[1]))}: [daemon] {_format_loc(loc[1:])}: {message}"

@@ -12,8 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mcrd.loops import loop_guarded
 from mcrd.offload.programs import KernelOutput, KernelRule
-from mcrd.rules import Destination, RuleKey, RuleSpec, is_multicast, loop_guarded
+from mcrd.rules import Destination, RuleKey, RuleSpec, is_multicast
 
 OffloadMode = Literal["off", "auto"]
 MAX_MTU = 65535

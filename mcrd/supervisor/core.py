@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from mcrd.links import Link, Snapshot
+from mcrd.loops import loop_guarded
 from mcrd.netio import RingSpec
 from mcrd.offload.plan import OffloadMode
-from mcrd.rules import RuleSpec, loop_guarded
+from mcrd.rules import RuleSpec
 from mcrd.supervisor import views
 from mcrd.supervisor.kernel import KernelPath
 from mcrd.supervisor.outputs import OutputPool, describe_os_error

@@ -118,7 +118,13 @@ def relay(lab: Lab, tmp_path: Path, name: str, seg_a: str, seg_b: str, n: int) -
     work = tmp_path / name
     work.mkdir()
     config = work / "mcr.toml"
-    config.write_text(rules("a0", "b0"))
+    # the first relay with a pair of rules, the second with the shorthand for it
+    config.write_text(
+        rules("a0", "b0")
+        if n == 1
+        else '[[reflect]]\nname = "mdns"\ninterfaces = ["a0", "b0"]\n'
+        'group = "224.0.0.251"\nport = 5353\nttl = 255\n'
+    )
     return Daemon(ns, config, work)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mcrd.config import ConfigError, parse_config
-from mcrd.rules import RuleKey, loop_guarded
+from mcrd.loops import loop_guarded
+from mcrd.rules import RuleKey
 from tests.helpers.rulesets import rules
 
 
@@ -92,3 +93,58 @@ def test_destinations_follow_the_discovery_protocol_of_the_input() -> None:
     assert (overridden.source_port, overridden.keep_source) == (1901, False)
     plain = rules(r("a", "239.0.0.1", "b", "239.0.0.2"))
     assert not plain[0].destinations()[0].faithful
+
+
+REFLECT = """
+[[reflect]]
+name = "mdns"
+interfaces = ["v10", "v20", "v30"]
+group = "224.0.0.251"
+port = 5353
+ttl = 255
+"""
+
+
+def test_reflect_stands_for_one_rule_per_interface_to_all_the_others() -> None:
+    loaded = parse_config(REFLECT, Path("r.toml"))
+    assert [r.name for r in loaded.rules] == ["mdns:v10", "mdns:v20", "mdns:v30"]
+    first = loaded.rules[0]
+    assert first.key == RuleKey("v10", "224.0.0.251", 5353, None)
+    assert [(d.interface, d.group, d.port, d.ttl, d.source_port) for d in first.destinations()] == [
+        ("v20", "224.0.0.251", 5353, 255, "keep"),
+        ("v30", "224.0.0.251", 5353, 255, "keep"),
+    ]
+    assert loop_guarded(loaded.rules) == {r.key for r in loaded.rules}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            REFLECT.replace('"v30"', '"v10"'),
+            "r.toml:2: reflect 1: interface 'v10' is listed twice",
+        ),
+        (
+            REFLECT.replace('["v10", "v20", "v30"]', '["v10"]'),
+            "r.toml:4: reflect 1: interfaces: needs at least two interfaces",
+        ),
+        (
+            REFLECT.replace("224.0.0.251", "192.0.2.1"),
+            "r.toml:2: reflect 1: group 192.0.2.1 must be a multicast group or 255.255.255.255",
+        ),
+        (
+            REFLECT.replace("ttl = 255", "tll = 255"),
+            "r.toml:7: reflect 1: tll: unknown key (did you mean 'ttl'?)",
+        ),
+        (
+            '[[rule]]\ninput = { interface = "v20", group = "224.0.0.251", port = 5353 }\n'
+            'outputs = [ { interface = "v10", group = "224.0.0.251" } ]\n' + REFLECT,
+            "r.toml:5: reflect 1 ('mdns') on v20: input v20 224.0.0.251:5353 is already used by rule 1",
+        ),
+    ],
+    ids=["twice", "one-interface", "unicast", "unknown-key", "clash-with-a-rule"],
+)
+def test_reflect_mistakes_name_the_table(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, Path("r.toml"))
+    assert info.value.errors == [error]
