@@ -89,7 +89,7 @@ class DaemonOptions(BaseModel):
     workers: Annotated[int | Literal["auto"], Setting(metavar="N")] = Field(
         "auto",
         description='worker processes per input interface, spread by flow hash; "auto": 1 on up to '
-        "2 cores, else half the cores, at most 4",
+        "2 cores, else half the cores, at most 4; always 1 for an interface with rules under the loop guard",
     )
     offload: Annotated[Literal["auto", "off"], Setting()] = Field(
         "off",

@@ -150,9 +150,24 @@ class Supervisor:
             except Exception:  # offload trouble must not stop a reload: workers relay everything
                 log.exception("offload: could not converge the kernel's table")
 
+    def _lanes_for(self, port: InputPort) -> int:
+        """How many lanes a port gets: one where a rule is under the loop
+        guard, whose memory of what it relayed must see every datagram of
+        the interface (the fanout spreads by flow, and a reflected copy
+        is another flow than the original)."""
+        if any(spec.key in self.workers.guarded for spec in port.rules):
+            return 1
+        return self.lanes_per_port
+
     async def _converge_port(self, port: InputPort) -> None:
         link = self.link(port.interface)
         plan = plan_port(port.interface, port.rules, link, port.held())
+        lanes = self._lanes_for(port)
+        if plan.action == PortAction.UPDATE and len(port.lanes) != lanes:
+            assert link is not None
+            log.info("input %s: %d lane(s) now (loop guard); reopening it", port.interface, lanes)
+            await self._close_port(port, "reopening")
+            plan = plan_port(port.interface, port.rules, link, port.held())
         if plan.action == PortAction.CLOSE:
             if port.open:
                 log.warning("input %s: interface is gone; its rules are pending", port.interface)
@@ -174,7 +189,7 @@ class Supervisor:
 
     def _open_port(self, port: InputPort, link: Link, plan: PortPlan) -> None:
         try:
-            open_lanes(port, link, plan, self.seams.net, self.ring, self.lanes_per_port)
+            open_lanes(port, link, plan, self.seams.net, self.ring, self._lanes_for(port))
         except OSError as exc:
             port.reason = describe_os_error(exc)
             port.settled.set()
