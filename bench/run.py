@@ -123,19 +123,23 @@ class Relay:
 class Mcrd(Relay):
     name = "mcrd"
 
-    def __init__(self, workdir: Path, rules: int = 1, offload: bool = False) -> None:
+    def __init__(self, workdir: Path, rules: int = 1, offload: bool = False, faithful: bool = False) -> None:
         self.mcrd: McrdProcess | None = None
         self.dir = workdir
         self.rules = rules
         self.offload = offload
+        self.faithful = faithful
         if rules > 1:
             self.name = f"mcrd-{rules}"
         if offload:
             self.name = "mcrd-k"  # relayed by the kernel (offload = "auto")
+        if faithful:
+            self.name = "mcrd-f"  # faithful outputs: headers per datagram, raw sockets
 
     def start(self, net: Net, outputs: int) -> None:
+        keep = ', source_port = "keep"' if self.faithful else ""
         outs = ", ".join(
-            f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000 }}' for k in range(outputs)
+            f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000{keep} }}' for k in range(outputs)
         )
         config = self.dir / "mcr.toml"
         text = '[daemon]\noffload = "auto"\n' if self.offload else ""
@@ -350,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--case", action="append", metavar="SIZExOUTPUTS", help="only this case (repeatable)")
     p.add_argument(
+        "--faithful",
+        action="store_true",
+        help='also mcrd with faithful outputs (source_port = "keep": headers built per datagram)',
+    )
+    p.add_argument(
         "--rules", type=int, default=1000, help="rules of the many-rule mcrd (64 B x1 only; 1: skip it)"
     )
     args = p.parse_args(argv)
@@ -391,6 +400,8 @@ def measure(args: argparse.Namespace, build: Path) -> int:
     seconds = 0.5 if args.quick else args.seconds
     steps = 1 if args.quick else 4
     relays: list[Relay] = [Mcrd(build), Mcrd(build, offload=True), Socat(), Kernel()]
+    if args.faithful:
+        relays.append(Mcrd(build, faithful=True))
     many = Mcrd(build, rules=args.rules)
     results: dict[tuple[int, int, str], Result] = {}
     with Lab("mcrb-") as lab:
@@ -479,7 +490,15 @@ def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, i
             delivered = statistics.median(d for _o, d in res.overload)
             row += f"{f'{delivered:,.0f} of {offered:,.0f}':>28}"
         lines.append(row)
-    many = [name for name in names if name.startswith("mcrd-") and name != "mcrd-k"]
+    for size, outputs in cases:
+        a, f = results.get((size, outputs, "mcrd")), results.get((size, outputs, "mcrd-f"))
+        if a and f and a.rates and f.rates:
+            lines.append(
+                f"mcrd-f ({size} B x{outputs}): {statistics.median(f.rates):,.0f}/s, "
+                f"{statistics.median(f.rates) / statistics.median(a.rates):.2f} of mcrd; "
+                f"CPU {statistics.median(f.cpu_us) if f.cpu_us else float('nan'):.2f} us/datagram"
+            )
+    many = [name for name in names if name.startswith("mcrd-") and name not in ("mcrd-k", "mcrd-f")]
     for name in many:
         a, b = results.get((*cases[0], "mcrd")), results.get((*cases[0], name))
         if a and b and a.rates and b.rates:

@@ -208,7 +208,13 @@ def show_list(result: dict[str, Any]) -> str:
         if path == "user" and v.get("path_reason") and v["path_reason"] != "offload is off":
             path += f" ({v['path_reason']})"
         rows.append([v["id"], v["name"] or "-", v["origin"], _input(v), outs, state, path])
-    return _table(rows, ["ID", "NAME", "ORIGIN", "INPUT", "OUTPUTS", "STATE", "PATH"])
+    table = _table(rows, ["ID", "NAME", "ORIGIN", "INPUT", "OUTPUTS", "STATE", "PATH"])
+    notes = [
+        f"warning: {v['id']} {v['name'] or _input(v)}: {w}"
+        for v in result["rules"]
+        for w in v.get("warnings", [])
+    ]
+    return "\n".join([table, *notes])
 
 
 def show_stats(result: dict[str, Any]) -> str:

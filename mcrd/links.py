@@ -15,12 +15,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger("mcrd.links")
 
 IFF_UP = 0x1
+IFF_MULTICAST = 0x1000
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 
@@ -31,6 +32,8 @@ class Link:
     name: str
     up: bool
     addresses: frozenset[str] = frozenset()
+    multicast: bool = True  # IFF_MULTICAST: WireGuard and most point-to-point tunnels lack it
+    bridge: str | None = None  # the bridge this interface is a port of
 
 
 Snapshot = dict[str, Link]  # by name
@@ -41,6 +44,7 @@ class LinkTable:
 
     def __init__(self) -> None:
         self.by_index: dict[int, Link] = {}
+        self.masters: dict[int, int | None] = {}  # a bridge port's bridge, by index
 
     def apply(self, msg: Any) -> None:
         event = msg.get("event")
@@ -48,21 +52,34 @@ class LinkTable:
         if event == "RTM_NEWLINK":
             name = msg.get_attr("IFLA_IFNAME")
             old = self.by_index.get(index)
+            flags = msg.get("flags", 0)
+            info = msg.get_attr("IFLA_LINKINFO")
+            port_kind = info.get_attr("IFLA_INFO_SLAVE_KIND") if info is not None else None
             self.by_index[index] = Link(
-                index, name, bool(msg.get("flags", 0) & IFF_UP), old.addresses if old else frozenset()
+                index,
+                name,
+                bool(flags & IFF_UP),
+                old.addresses if old else frozenset(),
+                bool(flags & IFF_MULTICAST),
             )
+            self.masters[index] = msg.get_attr("IFLA_MASTER") if port_kind == "bridge" else None
         elif event == "RTM_DELLINK":
             self.by_index.pop(index, None)
+            self.masters.pop(index, None)
         elif event in ("RTM_NEWADDR", "RTM_DELADDR") and msg.get("family") == socket.AF_INET:
             link = self.by_index.get(index)
             addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
             if link is None or addr is None:
                 return
             addrs = link.addresses | {addr} if event == "RTM_NEWADDR" else link.addresses - {addr}
-            self.by_index[index] = Link(link.index, link.name, link.up, frozenset(addrs))
+            self.by_index[index] = replace(link, addresses=frozenset(addrs))
 
     def snapshot(self) -> Snapshot:
-        return {link.name: link for link in self.by_index.values()}
+        def bridge(index: int) -> str | None:
+            master = self.by_index.get(self.masters.get(index) or -1)
+            return master.name if master is not None else None
+
+        return {link.name: replace(link, bridge=bridge(link.index)) for link in self.by_index.values()}
 
 
 class LinkMonitor:

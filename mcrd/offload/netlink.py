@@ -8,6 +8,7 @@ thread) and turned into `Iface` and `Egress` values for `plan.plan_offload`.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from mcrd.links import IFF_UP
 from mcrd.offload.plan import Egress, Iface, egress_for
@@ -17,6 +18,11 @@ ARPHRD_ETHER = 1
 RTN_BROADCAST = 3
 IFA_F_SECONDARY = 0x01
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+
+
+def _bridge_port(msg: Any) -> bool:
+    info = msg.get_attr("IFLA_LINKINFO")
+    return info is not None and info.get_attr("IFLA_INFO_SLAVE_KIND") == "bridge"
 
 
 def gather(specs: list[RuleSpec]) -> tuple[dict[str, Iface], dict[Destination, Egress]]:
@@ -40,6 +46,7 @@ def gather(specs: list[RuleSpec]) -> tuple[dict[str, Iface], dict[Destination, E
                 msg.get("ifi_type") == ARPHRD_ETHER and bool(msg.get_attr("IFLA_ADDRESS")),
                 msg.get_attr("IFLA_ADDRESS") or "",
                 msg.get_attr("IFLA_MTU") or 1500,
+                _bridge_port(msg),
             )
         for msg in ipr.get_addr(family=socket.AF_INET):
             if msg.get("flags", 0) & IFA_F_SECONDARY:  # the kernel sends from a primary

@@ -30,6 +30,7 @@ class Iface:
     ethernet: bool
     mac: str
     mtu: int
+    bridge_port: bool = False  # a port of a bridge, which takes its frames
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ def _why_not(
         return f"no interface named {spec.input.interface!r}"
     if not iface.ethernet:
         return f"input {iface.name} is not an Ethernet interface"
+    if iface.bridge_port:
+        return f"input {iface.name} is a bridge port"
     for dest in spec.destinations():
         if dest.interface is None:
             return f"output {dest} names no interface"

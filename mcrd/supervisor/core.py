@@ -79,6 +79,7 @@ class Supervisor:
         self._sampler: asyncio.Task[None] | None = None
         self._relink: asyncio.Task[None] | None = None
         self._links_dirty = False
+        self._warned: set[tuple[str, str]] = set()
 
     # -- observed interfaces -----------------------------------------------
 
@@ -145,6 +146,7 @@ class Supervisor:
                     log.exception("input %s: could not apply its rules", name)
                     port.reason = f"error: {exc}"
             self.outputs.close_unused(destinations)
+            self._warn(rules)
             try:
                 await self.kernel.sync(rules)
             except Exception:  # offload trouble must not stop a reload: workers relay everything
@@ -159,6 +161,13 @@ class Supervisor:
             return 1
         return self.lanes_per_port
 
+    def _warn(self, rules: list[RuleSpec]) -> None:
+        """Log each rule warning once, when it appears."""
+        now = {(spec.display_name(), w) for spec in rules for w in views.warnings(spec, self.link)}
+        for name, warning in sorted(now - self._warned):
+            log.warning("rule %s: %s", name, warning)
+        self._warned = now
+
     async def _converge_port(self, port: InputPort) -> None:
         link = self.link(port.interface)
         plan = plan_port(port.interface, port.rules, link, port.held())
@@ -169,8 +178,8 @@ class Supervisor:
             await self._close_port(port, "reopening")
             plan = plan_port(port.interface, port.rules, link, port.held())
         if plan.action == PortAction.CLOSE:
-            if port.open:
-                log.warning("input %s: interface is gone; its rules are pending", port.interface)
+            if port.open or (link is not None and port.reason != plan.reason):
+                log.warning("input %s: %s; its rules are pending", port.interface, plan.reason)
             await self._close_port(port, plan.reason)
         elif plan.action == PortAction.UPDATE:
             await self._update_port(port, plan)

@@ -92,6 +92,14 @@ def plan_port(interface: str, rules: list[RuleSpec], link: Link | None, held: He
     """Converge a port on its rules and its interface as observed."""
     if link is None:
         return PortPlan(PortAction.CLOSE, f"no interface named {interface!r}")
+    if link.bridge is not None:
+        # The bridge takes a port's frames before a packet socket bound to the
+        # port sees them: an input there would show active and relay nothing.
+        return PortPlan(
+            PortAction.CLOSE,
+            f"{interface} is a port of bridge {link.bridge}, which takes its frames: "
+            f"use {link.bridge} (or a VLAN device on it) as the input",
+        )
     entries = filter_entries(rules)
     groups = frozenset((s.input.group, s.input.source) for s in rules if is_multicast(s.input.group))
     sinks = frozenset((s.input.group, s.input.port) for s in rules if not is_multicast(s.input.group))

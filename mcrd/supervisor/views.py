@@ -15,7 +15,7 @@ from typing import Any
 from mcrd.counters import OutputCounts, Rate, Rates, RuleCounts, add_rates
 from mcrd.links import Link
 from mcrd.rulebook import rule_id
-from mcrd.rules import Destination, RuleSpec
+from mcrd.rules import Destination, RuleSpec, is_multicast
 from mcrd.supervisor.kernel import KernelPath
 from mcrd.supervisor.outputs import OutputPool
 from mcrd.supervisor.ports import InputPort, Lane, PortState
@@ -49,6 +49,21 @@ def counts(obs: Observed) -> tuple[int, int]:
     return active, len(obs.rules) - active
 
 
+def warnings(spec: RuleSpec, link: Callable[[str], Link | None]) -> list[str]:
+    """What may keep a rule from working although it is active: multicast on
+    an interface without multicast (WireGuard and most point-to-point
+    tunnels), where sends succeed and nothing arrives."""
+    found = []
+    inp = link(spec.input.interface)
+    if inp is not None and not inp.multicast and is_multicast(spec.input.group):
+        found.append(f"input {spec.input.interface} does not do multicast (no IFF_MULTICAST)")
+    for dest in spec.destinations():
+        out = link(dest.interface) if dest.interface else None
+        if out is not None and not out.multicast and is_multicast(dest.group):
+            found.append(f"output {dest}: {dest.interface} does not do multicast (no IFF_MULTICAST)")
+    return found
+
+
 def rule_views(obs: Observed, origin: Callable[[RuleSpec], str]) -> list[dict[str, Any]]:
     views = []
     for spec in obs.rules:
@@ -70,6 +85,7 @@ def rule_views(obs: Observed, origin: Callable[[RuleSpec], str]) -> list[dict[st
                 "reason": reason,
                 "path": "kernel" if decision and decision.kernel else "user",
                 "path_reason": decision.reason if decision else "",
+                "warnings": warnings(spec, obs.link),
             }
         )
     return views
