@@ -29,6 +29,10 @@ from mcrd.netio import SO_RCVBUFFORCE, SO_SNDBUFFORCE, force_buffer
 
 MAX_MESSAGE = 4 << 20
 MAX_FDS = 250  # SCM_MAX_FD is 253
+CHUNK = 1 << 20  # bytes of a message per datagram
+#: what one message may add up to: 100,000 rules and their outputs fit
+MAX_ASSEMBLED = 512 << 20
+MAX_ASSEMBLED_FDS = 65536
 
 #: the worker's exit status when it could not take up its post (dropping
 #: privileges failed): the supervisor reports the reason it sent and does
@@ -169,27 +173,97 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+def frames(message: dict[str, Any], fds: list[int] | None = None) -> list[tuple[bytes, list[int]]]:
+    """A message as the datagrams that carry it, each with its descriptors.
+
+    One datagram when it fits (the JSON itself, beginning with "{"); else
+    pieces of at most CHUNK bytes and MAX_FDS descriptors, each but the last
+    marked "+" and the last ".", which the receiver puts back together: a
+    worker with thousands of rules, or an input with hundreds of outputs,
+    does not fit one datagram (and SCM_RIGHTS carries at most 253)."""
     data = json.dumps(message, separators=(",", ":")).encode()
+    fds = list(fds or [])
+    if len(data) <= CHUNK and len(fds) <= MAX_FDS:
+        return [(data, fds)]
+    pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    groups = [fds[i : i + MAX_FDS] for i in range(0, len(fds), MAX_FDS)]
+    count = max(len(pieces), len(groups))
+    return [
+        (
+            (b"." if k == count - 1 else b"+") + (pieces[k] if k < len(pieces) else b""),
+            groups[k] if k < len(groups) else [],
+        )
+        for k in range(count)
+    ]
+
+
+def send_frame(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     if fds:
         socket.send_fds(sock, [data], fds)
     else:
         sock.send(data)
 
 
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """Send a message on a blocking channel (or one with room for it)."""
+    for data, group in frames(message, fds):
+        send_frame(sock, data, group)
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        socket.close(fd)
+
+
+class Reassembly:
+    """Reads messages from a channel, putting pieces back together. Keeps a
+    message's pieces across reads of a non-blocking channel that ran dry
+    (BlockingIOError) in the middle of it."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.fds: list[int] = []
+
+    def _reset(self) -> tuple[bytes, list[int]]:
+        parts, fds = b"".join(self.parts), self.fds
+        self.parts, self.size, self.fds = [], 0, []
+        return parts, fds
+
+    def _garbage(self, fds: list[int], why: str) -> ValueError:
+        _close(fds)
+        _close(self._reset()[1])  # not leaked with the garbage they came with
+        return ValueError(why)
+
+    def receive(self, sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+        """The next message and the descriptors that came with it; None at end of stream."""
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+            if not data:
+                _close(fds)
+                _close(self._reset()[1])
+                return None
+            head = data[:1]
+            if head in (b"+", b"."):
+                self.parts.append(data[1:])
+                self.size += len(data) - 1
+                self.fds += fds
+                if self.size > MAX_ASSEMBLED or len(self.fds) > MAX_ASSEMBLED_FDS:
+                    raise self._garbage([], "channel message too large")
+                if head == b"+":
+                    continue
+                data, fds = self._reset()
+            elif self.parts:
+                raise self._garbage(fds, "channel message cut short")
+            try:
+                message = json.loads(data)
+                if not isinstance(message, dict):
+                    raise ValueError("channel message is not an object")
+            except (ValueError, RecursionError):
+                raise self._garbage(fds, "channel message is not a JSON object") from None
+            return message, fds
+
+
 def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    """The next message and the descriptors that came with it; None at end of stream."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-    if not data:
-        for fd in fds:
-            socket.close(fd)
-        return None
-    try:
-        message = json.loads(data)
-        if not isinstance(message, dict):
-            raise ValueError("channel message is not an object")
-    except (ValueError, RecursionError):
-        for fd in fds:  # not leaked with the garbage they came with
-            socket.close(fd)
-        raise ValueError("channel message is not a JSON object") from None
-    return message, fds
+    """The next message on a blocking channel (see `Reassembly`)."""
+    return Reassembly().receive(sock)

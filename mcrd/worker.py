@@ -64,6 +64,7 @@ class Worker:
         self.received = 0
         self.running = True
         self.raw_sender: fastpath.RawSender | None = None
+        self.incoming = wire.Reassembly()
         # the loop guard: this host's addresses, and what it relayed lately
         self.local: frozenset[int] = frozenset()
         self.recent = Recent()
@@ -105,7 +106,7 @@ class Worker:
 
     def handle_channel(self) -> None:
         try:
-            got = wire.receive(self.chan)
+            got = self.incoming.receive(self.chan)
         except ConnectionError:
             got = None
         if got is None:

@@ -58,6 +58,7 @@ class WorkerHandle:
         self.closed = False
         self.boot_failure = ""  # the reason a worker sent before exiting with EX_BOOT
         self.last_heard = clock.monotonic()
+        self.incoming = wire.Reassembly()
         chan.setblocking(False)
         asyncio.get_running_loop().add_reader(chan.fileno(), self._readable)
 
@@ -72,7 +73,7 @@ class WorkerHandle:
     def _readable(self) -> None:
         for _ in range(64):  # then let the loop breathe: a chatty worker must not starve it
             try:
-                got = wire.receive(self.chan)
+                got = self.incoming.receive(self.chan)
             except BlockingIOError:
                 return
             except ConnectionResetError:
@@ -109,7 +110,7 @@ class WorkerHandle:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[ident] = future
         try:
-            wire.send(self.chan, {**message, "id": ident}, fds)
+            await self._send({**message, "id": ident}, fds or [])
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
             # cancellation that meets the reply, and a cancelled worker task
             # then went on to wait for its worker forever (a reload hung).
@@ -117,6 +118,23 @@ class WorkerHandle:
                 return await future
         finally:
             self.pending.pop(ident, None)
+
+    async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
+        """Send a message, in pieces when it is large, waiting for room in the
+        channel between them rather than blocking the loop."""
+        loop = asyncio.get_running_loop()
+        for data, group in wire.frames(message, fds):
+            while True:
+                try:
+                    wire.send_frame(self.chan, data, group)
+                    break
+                except BlockingIOError:
+                    room: asyncio.Future[None] = loop.create_future()
+                    loop.add_writer(self.chan.fileno(), _settle, room)
+                    try:
+                        await room
+                    finally:
+                        loop.remove_writer(self.chan.fileno())
 
     def drain(self) -> None:
         """Read what is left on the channel now (the worker has exited)."""
@@ -148,6 +166,11 @@ class WorkerHandle:
             self.kill()
             await self.process.wait()
         self.close()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 T = TypeVar("T")

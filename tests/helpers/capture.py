@@ -15,6 +15,7 @@ from tests.helpers.packets import inet_checksum
 
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
+SO_RCVBUFFORCE = 33
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Capture:
     def __init__(self, ns: str, interface: str) -> None:
         with inside(ns):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)  # bursts: we are root
             self.sock.bind((interface, ETH_P_IP))
         self.sock.setblocking(False)
         self.seen: list[Wire] = []

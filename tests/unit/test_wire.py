@@ -129,3 +129,73 @@ def test_configures_built_alike_are_equal() -> None:
 )
 def test_configures_that_configure_differently_differ(other: Configure) -> None:
     assert other != configure()
+
+
+def huge_configure(rules: int) -> Configure:
+    out = OutputConfig(1, 1, "239.2.2.2", 6000, 3, "239.2.2.2:6000 on out0 ttl 1")
+    return Configure(
+        128 << 10,
+        256,
+        tuple(
+            RuleConfig(n, f"239.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 5000, None, (out,))
+            for n in range(rules)
+        ),
+    )
+
+
+def test_a_hundred_thousand_rules_and_six_hundred_descriptors_arrive_whole(
+    channel: tuple[socket.socket, socket.socket],
+) -> None:
+    """max_rules on one input and an output socket each for 600 outputs: more
+    than one datagram (4 MiB) and one SCM_RIGHTS message (253) can carry."""
+    ours, theirs = channel
+    config = huge_configure(100_000)
+    r, w = os.pipe()
+    fds = [os.dup(r) for _ in range(600)]
+    try:
+        pieces = wire.frames(config.message(), fds)
+        assert len(pieces) > 3 and all(len(d) <= wire.CHUNK + 1 and len(f) <= wire.MAX_FDS for d, f in pieces)
+        incoming = wire.Reassembly()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        got = None
+        for data, group in pieces:  # the reader runs dry between pieces, as a non-blocking one does
+            wire.send_frame(ours, data, group)
+            try:
+                got = incoming.receive(theirs)
+            except BlockingIOError:
+                assert got is None
+        assert got is not None
+        message, received = got
+        assert Configure.parse(message) == config
+        assert len(received) == 600
+        assert {os.fstat(fd).st_ino for fd in received} == {os.fstat(r).st_ino}
+        for fd in received:
+            os.close(fd)
+    finally:
+        for fd in [*fds, r, w]:
+            os.close(fd)
+
+
+def test_a_piece_out_of_place_is_garbage_and_its_descriptors_closed(
+    channel: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = channel
+    r, w = os.pipe()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        wire.send_frame(ours, b"+" + b'{"op":', [r])
+        wire.send_frame(ours, b'{"op":"stats"}', [r])  # a whole message in the middle of one
+        with pytest.raises(ValueError, match="cut short"):
+            wire.receive(theirs)
+        assert len(os.listdir("/proc/self/fd")) == before, "the descriptors that came are closed"
+        wire.send(ours, {"op": "stats"})
+        assert wire.receive(theirs) == ({"op": "stats"}, [])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_small_messages_go_as_one_datagram_of_plain_json() -> None:
+    ((data, fds),) = wire.frames({"op": "stats", "id": 3})
+    assert data == b'{"op":"stats","id":3}' and fds == []
