@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from array import array
 from typing import NamedTuple
 
 #: Why a received frame was not relayed. The order is the order of the checks.
@@ -95,17 +94,26 @@ def adjust_checksum(checksum: int, delta: int) -> int:
     return (~_fold((~checksum & 0xFFFF) + delta) & 0xFFFF) or 0xFFFF
 
 
+def payload_sum(payload: bytes | memoryview) -> int:
+    """The one's-complement sum of a payload's 16-bit words, modulo 0xFFFF
+    (which is what that sum is: 2**16 is 1 modulo 0xFFFF), in one pass of
+    C: the same for every output a datagram goes to."""
+    total = int.from_bytes(payload, "big")
+    if len(payload) % 2:
+        total <<= 8  # a last odd byte is the high half of a word
+    return total % 0xFFFF
+
+
+def finish_checksum(summed: int, source: int, dest: int, sport: int, dport: int, length: int) -> int:
+    """The UDP checksum of a datagram whose payload sums to `summed`
+    (`payload_sum`); `length` is the UDP length. Never 0 (which means none)."""
+    total = summed + words(source) + words(dest) + 17 + length + sport + dport + length
+    return 0xFFFF - total % 0xFFFF
+
+
 def udp_checksum(source: int, dest: int, sport: int, dport: int, payload: bytes) -> int:
     """The UDP checksum of a datagram, computed in full."""
-    length = 8 + len(payload)
-    data = payload + b"\0" if len(payload) % 2 else payload
-    body = array("H", data)
-    total = sum(body)
-    if struct.pack("=H", 1) == b"\1\0":  # little-endian: the sum of swapped words, swapped back
-        total = _fold(total)
-        total = (total >> 8 | total << 8) & 0xFFFF
-    total += words(source) + words(dest) + 17 + length + sport + dport + length
-    return (~_fold(total) & 0xFFFF) or 0xFFFF
+    return finish_checksum(payload_sum(payload), source, dest, sport, dport, 8 + len(payload))
 
 
 def mdns_multicast_query(payload: bytes) -> bytes | None:

@@ -159,9 +159,9 @@ class Rule:
         self.addrs: list[int] = []
         self.lens: list[int] = []
         # and for faithful outputs: (payload address, size, the datagram, the
-        # payload to compute the checksum from afresh or None, a rewritten
-        # payload's pin or None)
-        self.held: list[tuple[int, int, Datagram, bytes | None, Any]] = []
+        # payload's sum when its checksum is computed afresh or None, a
+        # rewritten payload's pin or None)
+        self.held: list[tuple[int, int, Datagram, int | None, Any]] = []
 
     @property
     def slow(self) -> bool:

@@ -31,11 +31,12 @@ from mcrd.packet import (
     IP_DF,
     Datagram,
     adjust_checksum,
+    finish_checksum,
     ip_to_int,
     mdns_multicast_query,
     negated,
     parse,
-    udp_checksum,
+    payload_sum,
     words,
 )
 from mcrd.privdrop import drop_privileges
@@ -233,14 +234,14 @@ class Worker:
         address, pin, fresh = ring.base + at + dgram.start, None, None
         partial = _TP_STATUS.unpack_from(ring.map, pos + 20)[0] & TP_STATUS_CSUMNOTREADY
         if partial or rule.rewrite is not None:
-            payload = bytes(ring.view[at + dgram.start : at + dgram.end])
-            changed = mdns_multicast_query(payload) if rule.rewrite == "mdns" else None
+            payload: bytes | memoryview = ring.view[at + dgram.start : at + dgram.end]
+            changed = mdns_multicast_query(bytes(payload)) if rule.rewrite == "mdns" else None
             if changed is not None:
                 buffer = bytearray(changed)
                 address, pinned = fastpath.address_of(buffer)
                 pin, payload = (buffer, pinned), changed
             if partial or (changed is not None and dgram.checksum):
-                fresh = payload
+                fresh = payload_sum(payload)
         rule.held.append((address, dgram.end - dgram.start, dgram, fresh, pin))
 
     def send_raw(self, rule: Rule) -> None:
@@ -257,7 +258,7 @@ class Worker:
                 src = d.source if out.source is None else out.source
                 sport = d.sport if out.sport is None else out.sport
                 if fresh is not None:
-                    csum = udp_checksum(src, out.dst, sport, out.dport, fresh)
+                    csum = finish_checksum(fresh, src, out.dst, sport, out.dport, 8 + size)
                 else:
                     delta = out.delta
                     if src != d.source:
