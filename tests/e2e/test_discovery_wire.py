@@ -187,3 +187,21 @@ outputs = [ {{ interface = "out0", group = "198.51.100.255", port = 9 }} ]
     assert data == magic + b"directed"
     assert daemon.rule_stats("wol")["outputs"][0]["errors"] == 0
     assert inet_checksum(b"") == 0xFFFF  # the lab's checksum, used above, is the Internet one
+
+
+def test_a_faithful_datagram_larger_than_the_output_mtu_is_counted_not_sent(
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
+) -> None:
+    """The kernel does not fragment what a raw socket sends: such a datagram is
+    an output error (EMSGSIZE), and the next one that fits goes."""
+    lab_ip = net.lab.ip
+    lab_ip(net.relay, "link", "set", "out0", "mtu", "1000")
+    daemon = start_mcrd(net, tmp_path, daemons, pair(*MDNS, offload))
+    far = Capture(net.dst1, "eth0")
+    sock = udp_from(net.src, "eth0", 5353)
+    sock.sendto(b"x" * 1200, MDNS)
+    sock.sendto(b"fits", MDNS)
+    assert len(far.wait_for(5353, b"fits")) == 1
+    (out,) = daemon.rule_stats("in0-to-out0")["outputs"]
+    assert (out["packets"], out["errors"], out["last_error"]) == (1, 1, "EMSGSIZE")
+    assert not far.matching(5353, b"x" * 1200)
