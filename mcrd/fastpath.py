@@ -52,10 +52,10 @@ def native_key(group: int, port: int) -> int:
 @functools.lru_cache(maxsize=8)
 def frame_unpacker(net: int) -> Callable[[Any, int], tuple[int, ...]]:
     """unpack_from for a frame whose IP header is at `net`: tp_next_offset,
-    tp_snaplen, tp_net, then version/IHL, total length, flags/fragment offset,
-    protocol, source, destination, destination port, UDP length, the IP/UDP
-    fields in native byte order (compare them with SWAPPED16 values)."""
-    return struct.Struct(f"=I8xI8x2xH{net - FRAME.size}xBxH2xHxB2xII2xHH").unpack_from
+    tp_snaplen, tp_net, then version/IHL, TOS, total length, flags/fragment
+    offset, protocol, source, destination, destination port, UDP length, the
+    IP/UDP fields in native byte order (compare them with SWAPPED16 values)."""
+    return struct.Struct(f"=I8xI8x2xH{net - FRAME.size}xBBH2xHxB2xII2xHH").unpack_from
 
 
 SOL_UDP = 17
@@ -66,8 +66,14 @@ GSO_MAX_BYTES = 65507  # the whole run must fit in one UDP datagram's length
 MAX_MESSAGES = 1024  # UIO_MAXIOV: sendmmsg sends at most this many per call
 
 _MSGHDR_WORDS = 8  # struct mmsghdr is 64 bytes on 64-bit Linux
-_CMSG_BYTES = 24  # CMSG_SPACE(sizeof(uint16_t))
+_CMSG_BYTES = 24  # CMSG_SPACE(sizeof(uint16_t)), and CMSG_SPACE(sizeof(int))
 _CMSG_LEN = 18  # CMSG_LEN(sizeof(uint16_t))
+_TOS_CMSG_LEN = 20  # CMSG_LEN(sizeof(int))
+#: a message's control data: IP_TOS (the received datagram's DSCP and ECN),
+#: then UDP_SEGMENT for a GSO message
+_SLOT = 2 * _CMSG_BYTES
+IPPROTO_IP = 0
+IP_TOS = 1
 
 if struct.calcsize("P") != 8:  # pragma: no cover - every supported port is 64-bit
     raise ImportError("mcrd's data path needs a 64-bit machine")
@@ -134,7 +140,8 @@ class Sender:
     """Pre-built send arrays shared by all outputs of a worker.
 
     `iov` holds (address, length) pairs pointing into the ring; `msgs` the
-    mmsghdr array; `cmsgs` one UDP_SEGMENT control message per message.
+    mmsghdr array; `cmsgs` per message an IP_TOS control message (DSCP and
+    ECN as received) and a UDP_SEGMENT one (used by GSO messages).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -145,21 +152,30 @@ class Sender:
         self.msg_addr, self._msg_pin = _address(self._msg_buf)
         self.msg = memoryview(self._msg_buf).cast("Q")
         self.msg32 = memoryview(self._msg_buf).cast("I")
-        self._cmsg_buf = bytearray(_CMSG_BYTES * MAX_MESSAGES)
+        self._cmsg_buf = bytearray(_SLOT * MAX_MESSAGES)
         self.cmsg_addr, self._cmsg_pin = _address(self._cmsg_buf)
         for i in range(MAX_MESSAGES):
-            struct.pack_into("=QiiH", self._cmsg_buf, i * _CMSG_BYTES, _CMSG_LEN, SOL_UDP, UDP_SEGMENT, 0)
+            struct.pack_into("=Qiii", self._cmsg_buf, i * _SLOT, _TOS_CMSG_LEN, IPPROTO_IP, IP_TOS, 0)
+            struct.pack_into(
+                "=QiiH", self._cmsg_buf, i * _SLOT + _CMSG_BYTES, _CMSG_LEN, SOL_UDP, UDP_SEGMENT, 0
+            )
         self.cmsg16 = memoryview(self._cmsg_buf).cast("H")
+        self.cmsg32 = memoryview(self._cmsg_buf).cast("I")
         self.loaded = 0  # datagrams in iov
+        self.toses: list[int] = []  # each datagram's TOS byte
+        self.tos: int | None = 0  # the TOS of them all, or None: they differ
         # a plan: per message (first datagram, datagrams, segment size or 0)
         self.plans: dict[int, list[tuple[int, int, int]]] = {}
 
-    def load(self, addrs: list[int], lens: list[int]) -> None:
+    def load(self, addrs: list[int], lens: list[int], toses: list[int]) -> None:
         n = len(addrs)
         self.iov[0 : 2 * n : 2] = array("Q", addrs)
         self.iov[1 : 2 * n : 2] = array("Q", lens)
         self.loaded = n
         self.lens = lens
+        self.toses = toses
+        # the usual case: one sender's stream, one marking
+        self.tos = toses[0] if n and toses.count(toses[0]) == n else None
         self.plans = {}
 
     def plan(self, gso_limit: int) -> list[tuple[int, int, int]]:
@@ -170,6 +186,10 @@ class Sender:
             return cached
         lens, n = self.lens, self.loaded
         out: list[tuple[int, int, int]] = []
+        if self.tos is None:  # markings differ: one message each, each with its own
+            out = [(i, 1, 0) for i in range(n)]
+            self.plans[gso_limit] = out
+            return out
         first = lens[0] if n else 0
         if 0 < first <= gso_limit and lens.count(first) == n:  # the usual case: one size
             per = max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // first))
@@ -195,22 +215,24 @@ class Sender:
         """Send messages plan[start:] (at most MAX_MESSAGES); returns (messages
         sent, errno of the first that failed or 0)."""
         count = min(len(plan) - start, MAX_MESSAGES)
-        msg, msg32, cmsg16 = self.msg, self.msg32, self.cmsg16
+        msg, msg32, cmsg16, cmsg32 = self.msg, self.msg32, self.cmsg16, self.cmsg32
         iov_addr, cmsg_addr = self.iov_addr, self.cmsg_addr
+        tos, toses = self.tos, self.toses
         w = 0
         for k in range(start, start + count):
             first, segments, size = plan[k]
+            slot = k - start
             msg[w] = name_addr
             msg32[2 * w + 2] = 16  # msg_namelen
             msg[w + 2] = iov_addr + 16 * first
             msg[w + 3] = segments
+            msg[w + 4] = cmsg_addr + _SLOT * slot
+            cmsg32[slot * (_SLOT // 4) + 4] = toses[first] if tos is None else tos
             if size:
-                msg[w + 4] = cmsg_addr + _CMSG_BYTES * (k - start)
-                msg[w + 5] = _CMSG_BYTES
-                cmsg16[(k - start) * (_CMSG_BYTES // 2) + 8] = size
+                msg[w + 5] = _SLOT
+                cmsg16[slot * (_SLOT // 2) + (_CMSG_BYTES // 2) + 8] = size
             else:
-                msg[w + 4] = 0
-                msg[w + 5] = 0
+                msg[w + 5] = _CMSG_BYTES
             msg[w + 6] = 0
             w += _MSGHDR_WORDS
         sent = _sendmmsg(fd, self.msg_addr, count, MSG_DONTWAIT)

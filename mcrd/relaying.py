@@ -133,6 +133,7 @@ class Rule:
         "policer",
         "raw",
         "rewrite",
+        "toses",
         "udp",
     )
 
@@ -158,6 +159,7 @@ class Rule:
         # the current block's datagrams for this rule: ring addresses, lengths
         self.addrs: list[int] = []
         self.lens: list[int] = []
+        self.toses: list[int] = []  # their TOS bytes (DSCP and ECN), kept on the way out
         # and for faithful outputs: (payload address, size, the datagram, the
         # payload's sum when its checksum is computed afresh or None, a
         # rewritten payload's pin or None)

@@ -158,10 +158,10 @@ class Worker:
         touched: list[Rule] = []
         cur: Rule | None = None
         nowhere: list[int] = []
-        add_addr = add_len = nowhere.append  # rebound to the current rule's lists
+        add_addr = add_len = add_tos = nowhere.append  # rebound to the current rule's lists
         slow = self.slow_frame
         for _ in range(count):
-            step, snap, fnet, vihl, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
+            step, snap, fnet, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
             if (
                 fnet == net
                 and vihl == 0x45
@@ -177,9 +177,10 @@ class Worker:
                         cur = rule
                         if not rule.addrs:
                             touched.append(rule)
-                        add_addr, add_len = rule.addrs.append, rule.lens.append
+                        add_addr, add_len, add_tos = rule.addrs.append, rule.lens.append, rule.toses.append
                     add_addr(payload_at + pos)
                     add_len(snap - 28)
+                    add_tos(tos)
                     pos += step
                     continue
             slow(ring, pos, touched)
@@ -223,6 +224,7 @@ class Worker:
             touched.append(rule)
         rule.addrs.append(ring.base + at + dgram.start)
         rule.lens.append(size)
+        rule.toses.append(dgram.tos)
         if rule.raw:
             self.hold(rule, ring, pos, at, dgram)
 
@@ -309,7 +311,7 @@ class Worker:
         rule.octets += total_octets
         if rule.raw:
             self.send_raw(rule)
-        sender.load(addrs, lens)
+        sender.load(addrs, lens, rule.toses)
         for out in rule.udp:
             plan = sender.plan(out.gso_limit)
             k = 0
@@ -344,6 +346,7 @@ class Worker:
                 out.last_error = fastpath.errno_name(err)
         addrs.clear()
         lens.clear()
+        rule.toses.clear()
 
     def run(self) -> None:
         poller = select.poll()

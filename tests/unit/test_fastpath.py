@@ -7,7 +7,7 @@ from mcrd.fastpath import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, Sender
 
 def plan(lens: list[int], limit: int = GSO_MAX_BYTES) -> list[tuple[int, int, int]]:
     sender = Sender(4096)
-    sender.load([0x1000 * (i + 1) for i in range(len(lens))], lens)
+    sender.load([0x1000 * (i + 1) for i in range(len(lens))], lens, [0] * len(lens))
     return sender.plan(limit)
 
 
@@ -33,6 +33,14 @@ def test_empty_payloads_are_sent_alone() -> None:
 
 def test_loading_fills_the_iovec_array_in_place() -> None:
     sender = Sender(16)
-    sender.load([111, 222, 333], [1, 2, 3])
+    sender.load([111, 222, 333], [1, 2, 3], [0, 0, 0])
     assert list(sender.iov[:6]) == [111, 1, 222, 2, 333, 3]
     assert sender.plan(GSO_MAX_BYTES) is sender.plan(GSO_MAX_BYTES)  # computed once per block
+
+
+def test_one_marking_keeps_the_gso_runs_and_mixed_ones_go_one_by_one() -> None:
+    sender = Sender(16)
+    sender.load([111, 222, 333], [100, 100, 100], [0xB8, 0xB8, 0xB8])
+    assert sender.tos == 0xB8 and sender.plan(GSO_MAX_BYTES) == [(0, 3, 100)]
+    sender.load([111, 222, 333], [100, 100, 100], [0xB8, 0x00, 0xB8])
+    assert sender.tos is None and sender.plan(GSO_MAX_BYTES) == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]

@@ -1,0 +1,84 @@
+"""End to end: what relayed datagrams keep of the received ones' headers,
+the same on the user-space path (UDP sockets, GSO) and the kernel path.
+
+The `net` topology (tests/conftest.py); captures at dst1 read each relayed
+datagram's IP header.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from lab.net import inside
+from tests.helpers.daemon import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
+
+pytestmark = [needs_root, pytest.mark.netns]
+
+
+def rule(offload: str) -> str:
+    return (
+        f'[daemon]\noffload = "{offload}"\n[[rule]]\nname = "camera"\n'
+        'input = { interface = "in0", group = "239.1.1.1", port = 5000 }\n'
+        'outputs = [ { interface = "out0", group = "239.2.2.2", port = 6000 } ]\n'
+    )
+
+
+def marked(ns: str, tos: int) -> socket.socket:
+    with inside(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 4)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+    return sock
+
+
+@pytest.mark.parametrize("offload", ["off", "auto"], ids=["user", "kernel"])
+def test_dscp_and_ecn_are_kept_per_datagram(
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
+) -> None:
+    daemon = start_mcrd(net, tmp_path, daemons, rule(offload))
+    if offload == "auto":
+        wait_until(
+            lambda: mcrctl_json(daemon.socket, "list")["rules"][0]["path"] == "kernel", what="offloaded"
+        )
+    far = TosReceiver(net.dst1, "239.2.2.2", 6000)
+    # EF with ECT(1), AF41 with ECT(0), CS6, best effort: blocks that mix
+    # them, then a run of one marking of one size (sent as GSO runs)
+    markings = [0xB9, 0x8A, 0xC0, 0x00]
+    senders = {tos: marked(net.src, tos) for tos in markings}
+    for n in range(40):
+        tos = markings[n % 4] if n < 20 else markings[0]
+        senders[tos].sendto(b"%02d" % n + b"." * 30, ("239.1.1.1", 5000))
+    got = far.take(40)
+    assert sorted(int(payload[:2]) for payload, _tos in got) == list(range(40))
+    for payload, tos in got:
+        n = int(payload[:2])
+        assert tos == (markings[n % 4] if n < 20 else markings[0]), f"datagram {n}: {tos:#x}"
+
+
+class TosReceiver:
+    """An application's socket that reads each datagram's TOS byte
+    (IP_RECVTOS): it gets GSO runs cut into datagrams, as applications do."""
+
+    IP_RECVTOS = 13
+
+    def __init__(self, ns: str, group: str, port: int) -> None:
+        with inside(ns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.IPPROTO_IP, self.IP_RECVTOS, 1)
+            self.sock.bind((group, port))
+            mreq = struct.pack("=4s4si", socket.inet_aton(group), b"\0" * 4, socket.if_nametoindex("eth0"))
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        self.sock.settimeout(10)
+
+    def take(self, count: int) -> list[tuple[bytes, int]]:
+        got = []
+        for _ in range(count):
+            data, anc, _flags, _addr = self.sock.recvmsg(2048, 64)
+            tos = next(v[0] for level, kind, v in anc if level == socket.IPPROTO_IP and kind == socket.IP_TOS)
+            got.append((data, tos))
+        return got
