@@ -121,6 +121,7 @@ class Rule:
 
     __slots__ = (
         "addrs",
+        "by_sender",
         "guard",
         "held",
         "ident",
@@ -152,6 +153,11 @@ class Rule:
         self.policer = policer
         self.guard = guard
         self.rewrite = rewrite
+        # what the loop guard knows a datagram by: its payload, and its
+        # sender where every output keeps the sender's address (SSDP: two
+        # clients' identical searches are two searches, and a reflection by
+        # another relay still comes from the same sender)
+        self.by_sender = bool(self.raw) and not self.udp and all(o.source is None for o in self.raw)
         self.packets = 0
         self.octets = 0
         self.limited = 0
@@ -164,6 +170,10 @@ class Rule:
         # payload's sum when its checksum is computed afresh or None, a
         # rewritten payload's pin or None)
         self.held: list[tuple[int, int, Datagram, int | None, Any]] = []
+
+    def fingerprint(self, source: int, payload: bytes | memoryview) -> int:
+        data = bytes(payload)
+        return hash((source, data)) if self.by_sender else hash(data)
 
     @property
     def slow(self) -> bool:

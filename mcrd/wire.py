@@ -33,6 +33,8 @@ CHUNK = 1 << 20  # bytes of a message per datagram
 #: what one message may add up to: 100,000 rules and their outputs fit
 MAX_ASSEMBLED = 512 << 20
 MAX_ASSEMBLED_FDS = 65536
+#: what the supervisor takes from a worker in one message (its counts)
+MAX_REPLY = 64 << 20
 
 #: the worker's exit status when it could not take up its post (dropping
 #: privileges failed): the supervisor reports the reason it sent and does
@@ -220,7 +222,12 @@ class Reassembly:
     message's pieces across reads of a non-blocking channel that ran dry
     (BlockingIOError) in the middle of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_fds: bool = True, limit: int = MAX_ASSEMBLED) -> None:
+        """`keep_fds` False: close every descriptor as it arrives (from a
+        side that has no business sending any); `limit`: the most bytes one
+        message may add up to."""
+        self.keep_fds = keep_fds
+        self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
         self.fds: list[int] = []
@@ -239,6 +246,9 @@ class Reassembly:
         """The next message and the descriptors that came with it; None at end of stream."""
         while True:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+            if not self.keep_fds:
+                _close(fds)
+                fds = []
             if not data:
                 _close(fds)
                 _close(self._reset()[1])
@@ -248,7 +258,7 @@ class Reassembly:
                 self.parts.append(data[1:])
                 self.size += len(data) - 1
                 self.fds += fds
-                if self.size > MAX_ASSEMBLED or len(self.fds) > MAX_ASSEMBLED_FDS:
+                if self.size > self.limit or len(self.fds) > MAX_ASSEMBLED_FDS:
                     raise self._garbage([], "channel message too large")
                 if head == b"+":
                     continue

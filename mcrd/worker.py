@@ -110,6 +110,9 @@ class Worker:
             got = self.incoming.receive(self.chan)
         except ConnectionError:
             got = None
+        except ValueError as exc:  # garbage: the supervisor starts a fresh worker
+            log.error("channel: %s; exiting", exc)
+            got = None
         if got is None:
             self.running = False
             return
@@ -208,7 +211,9 @@ class Worker:
         size = dgram.end - dgram.start
         if rule.guard and (
             dgram.source in self.local
-            or self.recent.again(hash(bytes(ring.view[at + dgram.start : at + dgram.end])), monotonic())
+            or self.recent.again(
+                rule.fingerprint(dgram.source, ring.view[at + dgram.start : at + dgram.end]), monotonic()
+            )
         ):
             rule.looped += 1  # this host sent it, or another relay reflected it back
             return
@@ -242,6 +247,8 @@ class Worker:
                 buffer = bytearray(changed)
                 address, pinned = fastpath.address_of(buffer)
                 pin, payload = (buffer, pinned), changed
+                if rule.guard:  # a reflection of it comes back rewritten: know that too
+                    self.recent.again(rule.fingerprint(dgram.source, changed), monotonic())
             if partial or (changed is not None and dgram.checksum):
                 fresh = payload_sum(payload)
         rule.held.append((address, dgram.end - dgram.start, dgram, fresh, pin))

@@ -58,7 +58,11 @@ class WorkerHandle:
         self.closed = False
         self.boot_failure = ""  # the reason a worker sent before exiting with EX_BOOT
         self.last_heard = clock.monotonic()
-        self.incoming = wire.Reassembly()
+        # a worker has no business sending descriptors, nor more than its
+        # counts (a reply for 100,000 rules is some 20 MB)
+        self.incoming = wire.Reassembly(keep_fds=False, limit=wire.MAX_REPLY)
+        self._sending = asyncio.Lock()
+        self._room: asyncio.Future[None] | None = None
         chan.setblocking(False)
         asyncio.get_running_loop().add_reader(chan.fileno(), self._readable)
 
@@ -110,31 +114,62 @@ class WorkerHandle:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[ident] = future
         try:
-            await self._send({**message, "id": ident}, fds or [])
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
             # cancellation that meets the reply, and a cancelled worker task
             # then went on to wait for its worker forever (a reload hung).
+            # The send is inside it too: a worker that stops reading its
+            # channel must not hold the supervisor.
             async with asyncio.timeout(timeout):
+                await self._send({**message, "id": ident}, fds or [])
                 return await future
         finally:
             self.pending.pop(ident, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # seen: the send's own error is what the caller gets
 
     async def _send(self, message: dict[str, Any], fds: list[int]) -> None:
         """Send a message, in pieces when it is large, waiting for room in the
-        channel between them rather than blocking the loop."""
+        channel between them rather than blocking the loop; one message at a
+        time, so that pieces of two never interleave. A message cut short
+        (cancelled, timed out) would leave the worker half of one: it is
+        killed, and started afresh."""
         loop = asyncio.get_running_loop()
-        for data, group in wire.frames(message, fds):
-            while True:
-                try:
-                    wire.send_frame(self.chan, data, group)
-                    break
-                except BlockingIOError:
-                    room: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(self.chan.fileno(), _settle, room)
-                    try:
-                        await room
-                    finally:
-                        loop.remove_writer(self.chan.fileno())
+        async with self._sending:
+            pieces = wire.frames(message, fds)
+            sent = 0
+            try:
+                for data, group in pieces:
+                    while True:
+                        if self.closed:
+                            raise ConnectionError("worker channel is closed")
+                        try:
+                            wire.send_frame(self.chan, data, group)
+                            break
+                        except BlockingIOError:
+                            self._room = loop.create_future()
+                            loop.add_writer(self.chan.fileno(), _settle, self._room)
+                            try:
+                                await self._room
+                            finally:
+                                self._stop_waiting()
+                    sent += 1
+            except BaseException:
+                if 0 < sent < len(pieces):
+                    log.error("worker %d: a message to it was cut short; killing it", self.pid)
+                    self.kill()
+                raise
+
+    def _stop_waiting(self, why: BaseException | None = None) -> None:
+        room, self._room = self._room, None
+        if room is None:
+            return
+        if not self.closed:
+            asyncio.get_running_loop().remove_writer(self.chan.fileno())
+        if not room.done():
+            if why is None:
+                room.cancel()
+            else:
+                room.set_exception(why)
 
     def drain(self) -> None:
         """Read what is left on the channel now (the worker has exited)."""
@@ -142,6 +177,9 @@ class WorkerHandle:
             self._readable()
 
     def notify(self, message: dict[str, Any]) -> None:
+        if self._sending.locked():  # in the middle of another message: it would garble both
+            self.kill()
+            return
         if not self.closed:
             with contextlib.suppress(OSError):
                 wire.send(self.chan, message)
@@ -149,6 +187,11 @@ class WorkerHandle:
     def close(self) -> None:
         if self.closed:
             return
+        if self._room is not None:
+            asyncio.get_running_loop().remove_writer(self.chan.fileno())
+            room, self._room = self._room, None
+            if not room.done():
+                room.set_exception(ConnectionError("worker channel closed"))
         self.closed = True
         asyncio.get_running_loop().remove_reader(self.chan.fileno())
         self.chan.close()

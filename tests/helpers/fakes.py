@@ -125,6 +125,7 @@ class FakeWorker:
         self.chan = socket.socket(fileno=os.dup(channel.fileno()))
         self.chan.setblocking(False)
         self.fd = self.chan.fileno()
+        self.incoming = wire.Reassembly()  # a large message comes in pieces, over several reads
         self.configs: list[wire.Configure] = []
         self.in_use: set[int] = set()  # inodes of the output sockets of its latest configuration
         self.packets = 0  # what it reports for every rule
@@ -150,7 +151,7 @@ class FakeWorker:
             if self.returncode is not None:
                 return
             try:
-                got = wire.receive(self.chan)
+                got = self.incoming.receive(self.chan)
             except BlockingIOError:
                 continue
             if got is None:
