@@ -50,6 +50,7 @@ class RuleCounts:
     limited: int = 0
     outputs: Mapping[Destination, OutputCounts] = field(default_factory=dict)
     looped: int = 0
+    expired: int = 0  # came with TTL 1 where outputs decrement it
 
     def __add__(self, later: RuleCounts) -> RuleCounts:
         return RuleCounts(
@@ -58,6 +59,7 @@ class RuleCounts:
             self.limited + later.limited,
             _add_maps(self.outputs, later.outputs, OutputCounts()),
             self.looped + later.looped,
+            self.expired + later.expired,
         )
 
     def output(self, dest: Destination) -> OutputCounts:
@@ -252,6 +254,7 @@ def parse_stats(reply: object, rules: Mapping[int, RuleKey], outputs: Mapping[in
                 _count(r["limited"], "limited"),
                 outs,
                 _count(r["looped"], "looped"),
+                _count(r["expired"], "expired"),
             )
             key = rules.get(_count(r["rule"], "rule"))
             if key is not None:

@@ -222,9 +222,14 @@ def show_stats(result: dict[str, Any]) -> str:
     for r in result["rules"]:
         limited = r.get("drops", {}).get("rate_limit", 0)
         looped = r.get("drops", {}).get("loop", 0)
+        expired = r.get("drops", {}).get("ttl", 0)
         dropped = ", ".join(
             text
-            for text in (f"rate-limited {limited}" if limited else "", f"loop {looped}" if looped else "")
+            for text in (
+                f"rate-limited {limited}" if limited else "",
+                f"loop {looped}" if looped else "",
+                f"ttl expired {expired}" if expired else "",
+            )
             if text
         )
         rows.append(

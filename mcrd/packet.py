@@ -37,13 +37,14 @@ class Datagram(NamedTuple):
     tos: int = 0  # DSCP and ECN
     dont_fragment: bool = False
     checksum: int = 0  # the UDP checksum as received (0: none)
+    ttl: int = 0
 
 
 def parse(buf: bytes | bytearray | memoryview, size: int) -> Datagram | str:
     """Parse an IPv4/UDP datagram; return it, or the drop reason as a string."""
     if size < 20:
         return "truncated"
-    vihl, tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _HDR.unpack_from(buf, 0)
+    vihl, tos, total, _ident, frag, ttl, proto, _csum, src, dst = _HDR.unpack_from(buf, 0)
     ihl = (vihl & 0x0F) * 4
     if vihl >> 4 != 4 or ihl < 20 or total < ihl:
         return "malformed"
@@ -58,7 +59,7 @@ def parse(buf: bytes | bytearray | memoryview, size: int) -> Datagram | str:
     sport, dport, ulen, ucsum = _UDP.unpack_from(buf, ihl)
     if ulen < 8 or ulen > total - ihl:
         return "malformed"
-    return Datagram(src, dst, dport, ihl + 8, ihl + ulen, sport, tos, bool(frag & 0x4000), ucsum)
+    return Datagram(src, dst, dport, ihl + 8, ihl + ulen, sport, tos, bool(frag & 0x4000), ucsum, ttl)
 
 
 #: an IPv4 header without options and a UDP header, as a faithful output

@@ -122,6 +122,8 @@ class Rule:
     __slots__ = (
         "addrs",
         "by_sender",
+        "decrements",
+        "expired",
         "guard",
         "held",
         "ident",
@@ -162,6 +164,8 @@ class Rule:
         self.octets = 0
         self.limited = 0
         self.looped = 0
+        self.expired = 0  # came with TTL 1 where outputs decrement it
+        self.decrements = any(o.raw and o.ttl == 0 for o in outputs)
         # the current block's datagrams for this rule: ring addresses, lengths
         self.addrs: list[int] = []
         self.lens: list[int] = []
@@ -187,6 +191,7 @@ class Rule:
             "bytes": self.octets,
             "limited": self.limited,
             "looped": self.looped,
+            "expired": self.expired,
             "outputs": [o.counters() for o in self.outputs],
         }
 
@@ -235,7 +240,7 @@ def carried_rule(spec: RuleConfig, socks: list[socket.socket], old: Rule | None)
     rule = Rule(spec.rule, outputs, policer, spec.guard, spec.rewrite)
     if old is not None:
         rule.packets, rule.octets, rule.limited = old.packets, old.octets, old.limited
-        rule.looped = old.looped
+        rule.looped, rule.expired = old.looped, old.expired
     return rule
 
 

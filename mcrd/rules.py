@@ -88,6 +88,20 @@ def check_source_port(value: object) -> int | str:
     raise ValueError(f'must be "keep" or a port number from 1 to 65535, got {value!r}')
 
 
+#: `ttl = "decrement"`: each datagram leaves with the TTL it came with, less
+#: one, and one that came with 1 is not relayed (as a router does)
+DECREMENT = "decrement"
+
+
+def check_output_ttl(value: object) -> int | str:
+    """An output's TTL: 1 to 255, or DECREMENT."""
+    if value == DECREMENT and isinstance(value, str):
+        return DECREMENT
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_ttl(value)
+    raise ValueError(f'must be from 1 to 255 or "decrement", got {value!r}')
+
+
 def check_ttl(value: int) -> int:
     if not 1 <= value <= 255:
         raise ValueError(f"must be from 1 to 255, got {value}")
@@ -151,7 +165,8 @@ class OutputSpec(_Strict):
     group: Annotated[str, AfterValidator(check_output_group)]
     port: Port | None = None
     interface: IfName | None = None
-    ttl: Ttl | None = None
+    #: 1-255, or "decrement": the received TTL less one
+    ttl: Annotated[int | str, PlainValidator(check_output_ttl)] | None = None
     #: "keep": the sender's source port; a number: that port; unset: the
     #: discovery protocol's need (kept for mDNS and SSDP), else the socket's own
     source_port: Annotated[int | str, PlainValidator(check_source_port)] | None = None
@@ -200,7 +215,7 @@ class Destination:
     group: str
     port: int
     interface: str | None
-    ttl: int
+    ttl: int  # 0: the received TTL less one (ttl = "decrement")
     #: the UDP source port: KEEP (the sender's), a number, or None (the
     #: output socket's own)
     source_port: int | str | None = None
@@ -211,7 +226,7 @@ class Destination:
     def faithful(self) -> bool:
         """Whether each datagram's headers are built from the received one
         (sent through a raw socket), not left to a UDP socket."""
-        return self.source_port is not None or self.keep_source
+        return self.source_port is not None or self.keep_source or self.ttl == 0
 
     @property
     def broadcast(self) -> bool:
@@ -224,7 +239,7 @@ class Destination:
             extra += f" source port {self.source_port}"
         if self.keep_source:
             extra += " from the sender"
-        return f"{self.group}:{self.port}{via} ttl {self.ttl}{extra}"
+        return f"{self.group}:{self.port}{via} ttl {self.ttl or DECREMENT}{extra}"
 
 
 class RuleSpec(_Strict):
@@ -267,7 +282,7 @@ class RuleSpec(_Strict):
                     group=out.group,
                     port=out.port if out.port is not None else self.input.port,
                     interface=out.interface,
-                    ttl=out.ttl if out.ttl is not None else default_ttl,
+                    ttl=0 if out.ttl == DECREMENT else out.ttl if isinstance(out.ttl, int) else default_ttl,
                     source_port=source_port,
                     keep_source=address == "sender",
                 )

@@ -239,6 +239,8 @@ class Worker:
         relay rewrote, or one whose checksum the sender left to offload
         (a partial one, as from a local sender over veth)."""
         address, pin, fresh = ring.base + at + dgram.start, None, None
+        if rule.decrements and dgram.ttl <= 1:
+            rule.expired += 1  # not relayed where outputs decrement the TTL
         partial = _TP_STATUS.unpack_from(ring.map, pos + 20)[0] & TP_STATUS_CSUMNOTREADY
         if partial or rule.rewrite is not None:
             payload: bytes | memoryview = ring.view[at + dgram.start : at + dgram.end]
@@ -263,7 +265,9 @@ class Worker:
         held = rule.held
         headers, pack = sender.headers, HEADER.pack_into
         for out in rule.raw:
-            for i, (address, size, d, fresh, _pin) in enumerate(held):
+            # ttl 0: the received one less one; what came with 1 does not go
+            items = held if out.ttl else [h for h in held if h[2].ttl > 1]
+            for i, (address, size, d, fresh, _pin) in enumerate(items):
                 src = d.source if out.source is None else out.source
                 sport = d.sport if out.sport is None else out.sport
                 if fresh is not None:
@@ -284,7 +288,7 @@ class Worker:
                     28 + size,
                     0,
                     frag,
-                    out.ttl,
+                    out.ttl or d.ttl - 1,
                     17,
                     0,
                     src,
@@ -296,14 +300,14 @@ class Worker:
                 )
                 sender.load(i, address, size)
             k = 0
-            while k < len(held):
-                sent, err = sender.send(out.fd, out.name[0], k, len(held) - k)
+            while k < len(items):
+                sent, err = sender.send(out.fd, out.name[0], k, len(items) - k)
                 for j in range(k, k + sent):
                     out.packets += 1
-                    out.octets += held[j][1]
+                    out.octets += items[j][1]
                 k += sent
                 if err:
-                    failed = len(held) - k if err in _QUEUE_FULL else 1
+                    failed = len(items) - k if err in _QUEUE_FULL else 1
                     out.errors += failed
                     out.last_error = fastpath.errno_name(err)
                     k += failed

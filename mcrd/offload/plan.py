@@ -170,6 +170,8 @@ def _why_not(
             return f"output {dest} keeps the sender's address, which user space does"
         if isinstance(dest.source_port, int):
             return f"output {dest} sets the source port, which user space does"
+        if dest.ttl == 0:
+            return f"output {dest} decrements the TTL, which user space does"
     iface = ifaces.get(spec.input.interface)
     if iface is None:
         return f"no interface named {spec.input.interface!r}"

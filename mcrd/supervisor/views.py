@@ -113,7 +113,7 @@ def _rule_view(spec: RuleSpec, counted: RuleCounts, rates: Rates) -> dict[str, A
         "bytes": counted.bytes,
         "pps": round(rate.pps, 1),
         "bps": round(rate.bps, 1),
-        "drops": {"rate_limit": counted.limited, "loop": counted.looped},
+        "drops": {"rate_limit": counted.limited, "loop": counted.looped, "ttl": counted.expired},
         "outputs": [
             _output_view(d, counted.output(d), rates.get((spec.key, d), Rate())) for d in spec.destinations()
         ],

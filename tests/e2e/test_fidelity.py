@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab.net import inside
+from tests.helpers.capture import Capture
 from tests.helpers.daemon import Daemon, Net, mcrctl_json, needs_root, start_mcrd, wait_until
 
 pytestmark = [needs_root, pytest.mark.netns]
@@ -82,3 +83,26 @@ class TosReceiver:
             tos = next(v[0] for level, kind, v in anc if level == socket.IPPROTO_IP and kind == socket.IP_TOS)
             got.append((data, tos))
         return got
+
+
+@pytest.mark.parametrize("offload", ["off", "auto"], ids=["user", "kernel"])
+def test_ttl_decrement_takes_one_off_and_drops_what_came_with_one(
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str
+) -> None:
+    text = rule(offload).replace("port = 6000 }", 'port = 6000, ttl = "decrement" }')
+    daemon = start_mcrd(net, tmp_path, daemons, text)
+    (view,) = mcrctl_json(daemon.socket, "list")["rules"]
+    assert view["outputs"][0]["destination"] == "239.2.2.2:6000 on out0 ttl decrement"
+    if offload == "auto":
+        assert (view["path"], view["path_reason"]) == (
+            "user",
+            "output 239.2.2.2:6000 on out0 ttl decrement decrements the TTL, which user space does",
+        )
+    far = Capture(net.dst1, "eth0")
+    for ttl, tag in ((5, b"five"), (1, b"one"), (64, b"sixty-four")):
+        sock = marked(net.src, 0)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.sendto(tag, ("239.1.1.1", 5000))
+    assert {w.payload: w.ttl for w in far.wait_for(6000, count=2)} == {b"five": 4, b"sixty-four": 63}
+    wait_until(lambda: daemon.rule_stats("camera")["drops"]["ttl"] == 1, what="the expired one counted")
+    assert not far.matching(6000, b"one")

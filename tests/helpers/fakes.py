@@ -188,6 +188,7 @@ class FakeWorker:
                     "bytes": self.packets * 100,
                     "limited": 0,
                     "looped": 0,
+                    "expired": 0,
                     "outputs": [
                         {
                             "output": o.output,

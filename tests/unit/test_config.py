@@ -175,6 +175,11 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         ],
     ),
     (
+        "ttl-word",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = "decrease" }'),
+        ["bad.toml:3: rule 1: outputs[0].ttl: must be from 1 to 255 or \"decrement\", got 'decrease'"],
+    ),
+    (
         "output-source-port-zero",
         rule(outputs='{ interface = "eth1", group = "239.2.2.2", source_port = 0 }'),
         ["bad.toml:3: rule 1: outputs[0].source_port: must be from 1 to 65535, got 0"],
@@ -218,7 +223,7 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
     (
         "ttl-bool",
         rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = true }'),
-        ["bad.toml:3: rule 1: outputs[0].ttl: must be an integer, got a boolean True"],
+        ['bad.toml:3: rule 1: outputs[0].ttl: must be from 1 to 255 or "decrement", got True'],
     ),
     ("name-empty", rule(extra='name = ""\n'), ["bad.toml:2: rule 1: name: must not be empty"]),
     (

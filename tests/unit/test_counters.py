@@ -296,12 +296,13 @@ def good_reply() -> dict[str, Any]:
                 "bytes": 2000,
                 "limited": 1,
                 "looped": 4,
+                "expired": 2,
                 "outputs": [
                     {"output": 7, "packets": 20, "bytes": 2000, "errors": 0, "last_error": ""},
                     {"output": 8, "packets": 19, "bytes": 1900, "errors": 1, "last_error": "ENOBUFS"},
                 ],
             },
-            {"rule": 2, "packets": 4, "bytes": 40, "limited": 0, "looped": 0, "outputs": []},
+            {"rule": 2, "packets": 4, "bytes": 40, "limited": 0, "looped": 0, "expired": 0, "outputs": []},
         ],
     }
 
@@ -318,6 +319,7 @@ def test_parse_stats_good_reply() -> None:
                 1,
                 {OUT_1: OutputCounts(20, 2000), OUT_2: OutputCounts(19, 1900, 1, "ENOBUFS")},
                 looped=4,
+                expired=2,
             ),
             KEY_B: RuleCounts(4, 40, 0, {}),
         },
@@ -374,6 +376,7 @@ MALFORMED: dict[str, object] = {
     "missing limited": _without(("rules", 0, "limited")),
     "missing looped": _without(("rules", 0, "looped")),
     "negative looped": _with(("rules", 0, "looped"), -1),
+    "missing expired": _without(("rules", 0, "expired")),
     "missing outputs": _without(("rules", 0, "outputs")),
     "missing output id": _without(("rules", 0, "outputs", 0, "output")),
     "missing last_error": _without(("rules", 0, "outputs", 0, "last_error")),
