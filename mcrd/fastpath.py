@@ -211,13 +211,19 @@ class Sender:
         self.plans[gso_limit] = out
         return out
 
-    def send(self, fd: int, name_addr: int, plan: list[tuple[int, int, int]], start: int) -> tuple[int, int]:
-        """Send messages plan[start:] (at most MAX_MESSAGES); returns (messages
-        sent, errno of the first that failed or 0)."""
+    def send(
+        self, fd: int, name_addr: int, plan: list[tuple[int, int, int]], start: int, dscp: int | None = None
+    ) -> tuple[int, int]:
+        """Send messages plan[start:] (at most MAX_MESSAGES), with the DSCP
+        they came with or `dscp` (ECN as it came); returns (messages sent,
+        errno of the first that failed or 0)."""
         count = min(len(plan) - start, MAX_MESSAGES)
         msg, msg32, cmsg16, cmsg32 = self.msg, self.msg32, self.cmsg16, self.cmsg32
         iov_addr, cmsg_addr = self.iov_addr, self.cmsg_addr
         tos, toses = self.tos, self.toses
+        if dscp is not None:  # the output's DSCP, the datagrams' own ECN
+            toses = [dscp << 2 | t & 3 for t in toses]
+            tos = None if tos is None else dscp << 2 | tos & 3
         w = 0
         for k in range(start, start + count):
             first, segments, size = plan[k]

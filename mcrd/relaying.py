@@ -22,6 +22,7 @@ class Output:
     __slots__ = (
         "delta",
         "dport",
+        "dscp",
         "dst",
         "errors",
         "fd",
@@ -54,6 +55,7 @@ class Output:
         self.dport = config.port
         self.source = ip_to_int(config.source) if config.source else None  # None: the sender's
         self.sport = config.source_port  # None: the sender's
+        self.dscp = config.dscp  # None: each datagram's own
         # the checksum change from the rule's input (`group`, `port`) to this
         # output's destination: the same for every datagram
         self.delta = words(self.dst) + negated(group) + self.dport + (~port & 0xFFFF)

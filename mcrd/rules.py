@@ -102,6 +102,12 @@ def check_output_ttl(value: object) -> int | str:
     raise ValueError(f'must be from 1 to 255 or "decrement", got {value!r}')
 
 
+def check_dscp(value: int) -> int:
+    if not 0 <= value <= 63:
+        raise ValueError(f"must be from 0 to 63, got {value}")
+    return value
+
+
 def check_ttl(value: int) -> int:
     if not 1 <= value <= 255:
         raise ValueError(f"must be from 1 to 255, got {value}")
@@ -174,6 +180,8 @@ class OutputSpec(_Strict):
     #: the original sender's (the relayed datagram is sent as if from it);
     #: unset: "sender" for SSDP, else "interface"
     source_address: Literal["interface", "sender"] | None = None
+    #: 0-63: the DSCP to send with (ECN is kept); unset: each datagram's own
+    dscp: Annotated[int, AfterValidator(check_dscp)] | None = None
 
 
 class RateLimit(_Strict):
@@ -221,6 +229,7 @@ class Destination:
     source_port: int | str | None = None
     #: send as if from the original sender's address
     keep_source: bool = False
+    dscp: int | None = None  # None: each datagram's own
 
     @property
     def faithful(self) -> bool:
@@ -239,6 +248,8 @@ class Destination:
             extra += f" source port {self.source_port}"
         if self.keep_source:
             extra += " from the sender"
+        if self.dscp is not None:
+            extra += f" dscp {self.dscp}"
         return f"{self.group}:{self.port}{via} ttl {self.ttl or DECREMENT}{extra}"
 
 
@@ -285,6 +296,7 @@ class RuleSpec(_Strict):
                     ttl=0 if out.ttl == DECREMENT else out.ttl if isinstance(out.ttl, int) else default_ttl,
                     source_port=source_port,
                     keep_source=address == "sender",
+                    dscp=out.dscp,
                 )
             )
         return result

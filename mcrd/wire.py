@@ -59,6 +59,7 @@ class OutputConfig:
     ttl: int = 0  # raw only: the TTL to send with
     source: str | None = None  # raw only: the address to send from; None: the sender's
     source_port: int | None = None  # raw only: the port to send from; None: the sender's
+    dscp: int | None = None  # the DSCP to send with; None: each datagram's own
 
     def message(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class OutputConfig:
             "ttl": self.ttl,
             "source": self.source,
             "source_port": self.source_port,
+            "dscp": self.dscp,
         }
 
     @classmethod
@@ -87,6 +89,7 @@ class OutputConfig:
             o["ttl"],
             o["source"],
             o["source_port"],
+            o["dscp"],
         )
 
 

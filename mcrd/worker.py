@@ -284,7 +284,7 @@ class Worker:
                     headers,
                     28 * i,
                     0x45,
-                    d.tos,
+                    d.tos if out.dscp is None else out.dscp << 2 | d.tos & 3,
                     28 + size,
                     0,
                     frag,
@@ -327,7 +327,7 @@ class Worker:
             plan = sender.plan(out.gso_limit)
             k = 0
             while k < len(plan):
-                sent, err = sender.send(out.fd, out.name[0], plan, k)
+                sent, err = sender.send(out.fd, out.name[0], plan, k, out.dscp)
                 if sent:
                     first = plan[k][0]
                     k += sent

@@ -295,6 +295,7 @@ class Workers:
                         ttl=dest.ttl if dest.faithful else 0,
                         source=source,
                         source_port=dest.source_port if isinstance(dest.source_port, int) else None,
+                        dscp=dest.dscp,
                     )
                 )
             limit = spec.rate_limit

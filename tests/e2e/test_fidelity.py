@@ -106,3 +106,21 @@ def test_ttl_decrement_takes_one_off_and_drops_what_came_with_one(
     assert {w.payload: w.ttl for w in far.wait_for(6000, count=2)} == {b"five": 4, b"sixty-four": 63}
     wait_until(lambda: daemon.rule_stats("camera")["drops"]["ttl"] == 1, what="the expired one counted")
     assert not far.matching(6000, b"one")
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["socket", "faithful"])
+@pytest.mark.parametrize("offload", ["off", "auto"], ids=["user", "kernel"])
+def test_an_output_sets_dscp_and_keeps_ecn(
+    net: Net, tmp_path: Path, daemons: list[Daemon], offload: str, faithful: bool
+) -> None:
+    extra = ', source_port = "keep"' if faithful else ""
+    text = rule(offload).replace("port = 6000 }", f"port = 6000, dscp = 34{extra} }}")  # AF41
+    daemon = start_mcrd(net, tmp_path, daemons, text)
+    if offload == "auto":
+        (view,) = mcrctl_json(daemon.socket, "list")["rules"]
+        assert view["path"] == "user" and "sets DSCP" in view["path_reason"]
+    far = TosReceiver(net.dst1, "239.2.2.2", 6000)
+    for n, tos in enumerate((0xB9, 0x00, 0x03, 0xB8)):  # EF+ECT(1), none, CE, EF
+        marked(net.src, tos).sendto(b"%02d" % n, ("239.1.1.1", 5000))
+    got = {int(payload): tos for payload, tos in far.take(4)}
+    assert got == {0: 34 << 2 | 1, 1: 34 << 2, 2: 34 << 2 | 3, 3: 34 << 2}

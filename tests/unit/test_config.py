@@ -175,6 +175,11 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         ],
     ),
     (
+        "dscp-range",
+        rule(outputs='{ interface = "eth1", group = "239.2.2.2", dscp = 64 }'),
+        ["bad.toml:3: rule 1: outputs[0].dscp: must be from 0 to 63, got 64"],
+    ),
+    (
         "ttl-word",
         rule(outputs='{ interface = "eth1", group = "239.2.2.2", ttl = "decrease" }'),
         ["bad.toml:3: rule 1: outputs[0].ttl: must be from 1 to 255 or \"decrement\", got 'decrease'"],
