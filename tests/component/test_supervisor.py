@@ -12,7 +12,7 @@ import pytest
 from mcrd.links import Link
 from mcrd.rules import RuleSpec
 from mcrd.supervisor import Supervisor
-from tests.helpers.fakes import FakeSeams, FakeSocket, fake_seams
+from tests.helpers.fakes import FakeSeams, FakeSocket, fake_seams, until
 from tests.helpers.rulesets import rules
 
 
@@ -26,14 +26,6 @@ def rule(group: str, out: str, ttl: int = 1, port: int = 5000) -> str:
 A = rules(rule("239.1.1.1", "239.2.2.1"))
 B = rules(rule("239.1.1.2", "239.2.2.2", ttl=2))
 C = rules(rule("239.1.1.2", "239.2.2.2", ttl=3))
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait (on the loop, not the clock) until the condition holds."""
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0.001)
-    assert condition(), what
 
 
 def scenario(body: Callable[[Supervisor, FakeSeams], Awaitable[None]], start: list[RuleSpec] = A) -> None:

@@ -11,7 +11,7 @@ from mcrd.links import Link
 from mcrd.rules import RuleSpec
 from mcrd.supervisor import Supervisor
 from mcrd.wire import OutputConfig
-from tests.helpers.fakes import FakeSeams, FakeWorker, fake_seams
+from tests.helpers.fakes import FakeSeams, FakeWorker, fake_seams, until
 from tests.helpers.rulesets import rules
 
 
@@ -38,23 +38,21 @@ def live(fakes: FakeSeams) -> list[FakeWorker]:
     return [w for w in fakes.spawner.workers if w.returncode is None and w.configs]
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait (on the loop, not the clock) until the condition holds."""
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0.001)
-    assert condition(), what
-
-
 def scenario(
-    body: Callable[[Supervisor, FakeSeams], Awaitable[None]], start: list[RuleSpec], lanes: int = 1
+    body: Callable[[Supervisor, FakeSeams], Awaitable[None]],
+    start: list[RuleSpec],
+    lanes: int = 1,
+    addresses: bool = True,
 ) -> None:
     async def run() -> None:
         fakes = fake_seams(e0=10, e1=11)
-        fakes.net.addresses.update({"e0": "192.0.2.1", "e1": "198.51.100.1"})
-        sup = Supervisor(start, (65534, 65534), lanes=lanes, seams=fakes.seams())
-        sup.started = True
-        sup.observe_links(dict(LINKS))
+        if addresses:
+            fakes.net.addresses.update({"e0": "192.0.2.1", "e1": "198.51.100.1"})
+            sup = Supervisor(start, (65534, 65534), lanes=lanes, seams=fakes.seams())
+            sup.started = True
+            sup.observe_links(dict(LINKS))
+        else:
+            sup = Supervisor(start, (65534, 65534), lanes=lanes, seams=fakes.seams())
         await sup.start()
         try:
             await body(sup, fakes)
@@ -114,13 +112,4 @@ def test_a_faithful_output_without_an_address_to_send_from_waits_for_one() -> No
         assert [o.source for o in outputs] == ["198.51.100.1"]
         assert sup.rule_views()[0]["outputs"][0]["state"] == "active"
 
-    async def run() -> None:
-        fakes = fake_seams(e0=10, e1=11)
-        sup = Supervisor(ONE_WAY, (65534, 65534), seams=fakes.seams())
-        await sup.start()
-        try:
-            await body(sup, fakes)
-        finally:
-            await sup.stop()
-
-    asyncio.run(run())
+    scenario(body, ONE_WAY, addresses=False)

@@ -10,8 +10,8 @@ import socket
 
 from mcrd.supervisor import Supervisor
 from mcrd.supervisor.seams import Identity, WorkerProcess, spawn_worker, worker_command
-from tests.component.test_supervisor import A, until
-from tests.helpers.fakes import fake_seams
+from tests.component.test_supervisor import A
+from tests.helpers.fakes import fake_seams, until
 
 #: as root: a worker without CAP_SETUID and CAP_SETGID, which then cannot
 #: take the workers' identity; not root: a worker that may not become root

@@ -292,3 +292,11 @@ class FakeSeams:
 
 def fake_seams(**ifaces: int) -> FakeSeams:
     return FakeSeams(FakeNet(dict(ifaces)), FakeSpawner(), FakeClock())
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (on the loop, not the clock) until the condition holds."""
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.001)
+    assert condition(), what
