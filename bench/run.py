@@ -31,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import latency  # bench/latency.py, beside this file
+
 from lab.launch import McrdProcess
 from lab.net import Lab
 
@@ -361,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rules", type=int, default=1000, help="rules of the many-rule mcrd (64 B x1 only; 1: skip it)"
     )
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure one-way latency added per datagram at 1,000 and 10,000/s instead (bench/latency.py)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             # few milliseconds of this shared machine long before its
             # capacity. The kernel's setting is global; it is put back.
             backlog.write_text(f"{max(int(before), RPS_BACKLOG)}\n")
-        return measure(args, build)
+        return measure_latency(args, build) if args.latency else measure(args, build)
     finally:
         backlog.write_text(f"{before}\n")
         shutil.rmtree(build, ignore_errors=True)
@@ -438,6 +445,69 @@ def measure(args: argparse.Namespace, build: Path) -> int:
                     )
     print(report(results, cases, rounds))
     return 0
+
+
+def measure_latency(args: argparse.Namespace, build: Path) -> int:
+    """Each relay with one output, interleaved, at each rate: the latency it adds."""
+    rates = [1000.0] if args.quick else [1000.0, 10000.0]
+    rounds = 1 if args.quick else args.rounds
+    relays: list[Relay] = [Mcrd(build), Mcrd(build, offload=True), Socat(), Kernel()]
+    found: dict[tuple[str, float], list[latency.Latency]] = {}
+    with Lab("mcrb-") as lab:
+        net = build_net(lab, args.rps)
+        for _round in range(rounds):
+            for rate in rates:
+                for relay in relays:
+                    relay.start(net, 1)
+                    try:
+                        got = latency.measure(net.gen, net.relay, net.sinks[0], rate, args.seconds)
+                    finally:
+                        relay.stop()
+                    found.setdefault((relay.name, rate), []).append(got)
+                    print(
+                        f"  {rate:>7,.0f}/s {relay.name:>6}: "
+                        f"p50 {got.p50_us:,.0f} us, p99 {got.p99_us:,.0f} us",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    print(latency_report(found, rates, relays, rounds))
+    return 0
+
+
+def latency_report(
+    found: dict[tuple[str, float], list[latency.Latency]],
+    rates: list[float],
+    relays: list[Relay],
+    rounds: int,
+) -> str:
+    lines = [
+        "one-way latency added per datagram (relay input to sink), microseconds: "
+        f"median of {rounds} round(s)",
+        "gap spread: standard deviation of the gaps between consecutive datagrams, in -> out",
+        "",
+        f"{'rate/s':>8} {'relay':>7} {'p50':>8} {'p99':>8} {'max':>8} {'through':>14} {'gap spread':>18}",
+    ]
+    for rate in rates:
+        for relay in relays:
+            runs = found.get((relay.name, rate), [])
+            if not runs:
+                continue
+
+            def med(values: list[float]) -> float:
+                return statistics.median(values)
+
+            lines.append(
+                f"{rate:>8,.0f} {relay.name:>7} {med([r.p50_us for r in runs]):>8,.0f}"
+                f" {med([r.p99_us for r in runs]):>8,.0f} {med([r.max_us for r in runs]):>8,.0f}"
+                f" {min(r.through for r in runs):>6,} of {runs[0].sent:<6,}"
+                f" {med([r.gap_in_us for r in runs]):>7,.1f} -> {med([r.gap_out_us for r in runs]):>7,.1f}"
+            )
+        user, kernel = found.get(("mcrd", rate)), found.get(("mcrd-k", rate))
+        if user and kernel:
+            u99, k99 = statistics.median(r.p99_us for r in user), statistics.median(r.p99_us for r in kernel)
+            u50, k50 = statistics.median(r.p50_us for r in user), statistics.median(r.p50_us for r in kernel)
+            lines.append(f"{'':>8} mcrd/mcrd-k: p99 {u99 / k99:.1f}x, p50 {u50 - k50:+,.0f} us")
+    return "\n".join(lines)
 
 
 def _fmt(values: list[float]) -> str:
