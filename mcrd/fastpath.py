@@ -84,7 +84,7 @@ _sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
 _sendmmsg.restype = ctypes.c_int
 
 
-def _address(buffer: Any) -> tuple[int, Any]:
+def address_of(buffer: Any) -> tuple[int, Any]:
     """The address of a writable buffer, and the object that pins it."""
     pin = (ctypes.c_char * len(buffer)).from_buffer(buffer)
     return ctypes.addressof(pin), pin
@@ -102,7 +102,7 @@ class Ring:
         self.block_size = block_size
         self.block_count = block_count
         self.map = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
-        self.base, self._pin = _address(self.map)
+        self.base, self._pin = address_of(self.map)
         self.view = memoryview(self.map)
         self.current = 0
         self.inode = os.fstat(sock.fileno()).st_ino
@@ -146,14 +146,14 @@ class Sender:
 
     def __init__(self, capacity: int) -> None:
         self._iov_buf = bytearray(16 * capacity)
-        self.iov_addr, self._iov_pin = _address(self._iov_buf)
+        self.iov_addr, self._iov_pin = address_of(self._iov_buf)
         self.iov = memoryview(self._iov_buf).cast("Q")
         self._msg_buf = bytearray(8 * _MSGHDR_WORDS * MAX_MESSAGES)
-        self.msg_addr, self._msg_pin = _address(self._msg_buf)
+        self.msg_addr, self._msg_pin = address_of(self._msg_buf)
         self.msg = memoryview(self._msg_buf).cast("Q")
         self.msg32 = memoryview(self._msg_buf).cast("I")
         self._cmsg_buf = bytearray(_SLOT * MAX_MESSAGES)
-        self.cmsg_addr, self._cmsg_pin = _address(self._cmsg_buf)
+        self.cmsg_addr, self._cmsg_pin = address_of(self._cmsg_buf)
         for i in range(MAX_MESSAGES):
             struct.pack_into("=Qiii", self._cmsg_buf, i * _SLOT, _TOS_CMSG_LEN, IPPROTO_IP, IP_TOS, 0)
             struct.pack_into(
@@ -253,14 +253,13 @@ class RawSender:
     in `headers` and its payload where it lies (in the ring, mostly)."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         self.headers = bytearray(HEADERS * capacity)
-        self.headers_addr, self._headers_pin = _address(self.headers)
+        self.headers_addr, self._headers_pin = address_of(self.headers)
         self._iov_buf = bytearray(32 * capacity)
-        self.iov_addr, self._iov_pin = _address(self._iov_buf)
+        self.iov_addr, self._iov_pin = address_of(self._iov_buf)
         self.iov = memoryview(self._iov_buf).cast("Q")
         self._msg_buf = bytearray(8 * _MSGHDR_WORDS * capacity)
-        self.msg_addr, self._msg_pin = _address(self._msg_buf)
+        self.msg_addr, self._msg_pin = address_of(self._msg_buf)
         self.msg = memoryview(self._msg_buf).cast("Q")
         self.msg32 = memoryview(self._msg_buf).cast("I")
 
@@ -293,15 +292,10 @@ class RawSender:
         return sent, 0
 
 
-def address_of(buffer: bytearray) -> tuple[int, Any]:
-    """The address of a bytearray's contents, and the object that pins it."""
-    return _address(buffer)
-
-
 def sockaddr_in(group: str, port: int) -> tuple[int, Any]:
     buf = bytearray(struct.pack("=H", socket.AF_INET) + struct.pack("!H4s", port, socket.inet_aton(group)))
     buf += bytes(16 - len(buf))
-    return _address(buf)
+    return address_of(buf)
 
 
 def errno_name(code: int) -> str:

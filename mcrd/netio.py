@@ -206,10 +206,7 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         attach_filter(sock, drop_all_filter())
-        if interface is not None:
-            index = ifindex(interface)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
+        _send_via(sock, interface)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         _output_options(sock)
@@ -217,6 +214,14 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _send_via(sock: socket.socket, interface: str | None) -> None:
+    """Send out of `interface` only, multicast included (None: as routed)."""
+    if interface is not None:
+        index = ifindex(interface)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
 
 
 def _output_options(sock: socket.socket) -> None:
@@ -238,10 +243,7 @@ def open_raw_socket(interface: str | None) -> socket.socket:
     datagram (a send larger than the path's MTU fails with EMSGSIZE)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
-        if interface is not None:
-            index = ifindex(interface)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", index))
+        _send_via(sock, interface)
         _output_options(sock)
     except BaseException:
         sock.close()
@@ -255,11 +257,7 @@ def source_address(interface: str | None, dest: str) -> str | None:
     source; None when there is none (no IPv4 address there, no route)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        if interface is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-            sock.setsockopt(
-                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=4s4si", b"", b"", ifindex(interface))
-            )
+        _send_via(sock, interface)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         sock.connect((dest, 9))
         address: str = sock.getsockname()[0]

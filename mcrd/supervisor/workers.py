@@ -151,7 +151,7 @@ class WorkerHandle:
                             try:
                                 await self._room
                             finally:
-                                self._stop_waiting()
+                                self._stop_waiting(None)
                     sent += 1
             except BaseException:
                 if 0 < sent < len(pieces):
@@ -159,7 +159,8 @@ class WorkerHandle:
                     self.kill()
                 raise
 
-    def _stop_waiting(self, why: BaseException | None = None) -> None:
+    def _stop_waiting(self, why: BaseException | None) -> None:
+        """No longer wait for room in the channel; a waiter gets `why` (None: cancelled)."""
         room, self._room = self._room, None
         if room is None:
             return
@@ -187,11 +188,7 @@ class WorkerHandle:
     def close(self) -> None:
         if self.closed:
             return
-        if self._room is not None:
-            asyncio.get_running_loop().remove_writer(self.chan.fileno())
-            room, self._room = self._room, None
-            if not room.done():
-                room.set_exception(ConnectionError("worker channel closed"))
+        self._stop_waiting(ConnectionError("worker channel closed"))
         self.closed = True
         asyncio.get_running_loop().remove_reader(self.chan.fileno())
         self.chan.close()
