@@ -120,7 +120,7 @@ def parse_config(text: str, path: Path) -> LoadedConfig:
 
     def line(i: int) -> int:
         kind, k = origins[i]
-        return lines.rule(k) if kind == "rule" else lines.table("reflect", k)
+        return lines.rule(k) if kind == "rule" else lines.reflect(k)
 
     problems = check_rule_set(rules, label)
     if problems:
@@ -139,7 +139,7 @@ class _LineFinder:
         self.rule_starts = [n for n, line in enumerate(self.lines) if self._RULE.match(line)]
         self.reflect_starts = [n for n, line in enumerate(self.lines) if self._REFLECT.match(line)]
 
-    def table(self, kind: str, index: int, key: str | None = None) -> int:
+    def reflect(self, index: int, key: str | None = None) -> int:
         """The line of the `index`th [[reflect]] table (or of `key` in it)."""
         starts = self.reflect_starts
         if index >= len(starts):
@@ -303,7 +303,7 @@ def _format_error(path: Path, lines: _LineFinder, data: dict[str, Any], err: Any
     if len(loc) >= 2 and loc[0] == "reflect" and isinstance(loc[1], int):
         key = str(loc[2]) if len(loc) > 2 else None
         field_path = _format_loc(loc[2:])
-        prefix = f"{path}:{lines.table('reflect', loc[1], key)}: reflect {loc[1] + 1}"
+        prefix = f"{path}:{lines.reflect(loc[1], key)}: reflect {loc[1] + 1}"
         return f"{prefix}: {field_path}: {message}" if field_path else f"{prefix}: {message}"
     if loc and loc[0] == "daemon" and len(loc) > 1:
         return f"{path}:{lines.top('daemon', str(loc[1]))}: [daemon] {_format_loc(loc[1:])}: {message}"
