@@ -14,6 +14,7 @@ first in the receive path).
 from __future__ import annotations
 
 import itertools
+import os
 import select
 import socket
 import statistics
@@ -91,12 +92,28 @@ class Latency:
     gap_out_us: float  # and out
 
 
-def measure(gen: str, relay: str, sink: str, rate: float, seconds: float) -> Latency:
+def measure(gen: str, relay: str, sink: str, rate: float, seconds: float, cpu: str) -> Latency:
+    """The sender, and this process reading the taps, run on `cpu`: the
+    relay's core is left to the relay, as in the throughput runs."""
     count = int(rate * seconds)
     taps = Tap(relay, "in0"), Tap(sink, "eth0")
+    os.sched_setaffinity(0, {int(cpu)})
     try:
         sender = subprocess.Popen(
-            ["ip", "netns", "exec", gen, sys.executable, "-c", SENDER, str(rate), str(count)]
+            [
+                "ip",
+                "netns",
+                "exec",
+                gen,
+                "taskset",
+                "-c",
+                cpu,
+                sys.executable,
+                "-c",
+                SENDER,
+                str(rate),
+                str(count),
+            ]
         )
         while sender.poll() is None:  # drain as it goes: the taps' queues are finite
             for tap in taps:
@@ -106,6 +123,7 @@ def measure(gen: str, relay: str, sink: str, rate: float, seconds: float) -> Lat
         for tap in taps:
             tap.drain()
     finally:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
         for tap in taps:
             tap.close()
     arrived, left = taps[0].seen, taps[1].seen

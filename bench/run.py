@@ -39,6 +39,7 @@ from lab.net import Lab
 HERE = Path(__file__).resolve().parent
 LOSS = 0.001
 GEN_CPU, RELAY_CPU = "0", "1"
+BUSY_POLL_US = 2000  # mcrd-bp's busy_poll: longer than the gaps at 1,000/s
 SINKS = 4
 
 
@@ -85,6 +86,17 @@ def build_net(lab: Lab, rps: bool = False) -> Net:
     return Net(lab, gen, relay, sinks)
 
 
+def export(commit: str, build: Path) -> Path:
+    """The mcrd package as of `commit`, in a directory of its own."""
+    tree = build / f"baseline-{commit}"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", commit, "mcrd"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
 def in_ns(ns: str, *argv: str, stdin: str | None = None) -> None:
     subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, text=True, check=True)
 
@@ -125,18 +137,32 @@ class Relay:
 class Mcrd(Relay):
     name = "mcrd"
 
-    def __init__(self, workdir: Path, rules: int = 1, offload: bool = False, faithful: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        rules: int = 1,
+        offload: bool = False,
+        faithful: bool = False,
+        busy_poll: int = 0,
+        baseline: tuple[str, Path] | None = None,
+    ) -> None:
         self.mcrd: McrdProcess | None = None
         self.dir = workdir
         self.rules = rules
         self.offload = offload
         self.faithful = faithful
+        self.busy_poll = busy_poll
+        self.baseline = baseline
         if rules > 1:
             self.name = f"mcrd-{rules}"
         if offload:
             self.name = "mcrd-k"  # relayed by the kernel (offload = "auto")
         if faithful:
             self.name = "mcrd-f"  # faithful outputs: headers per datagram, raw sockets
+        if busy_poll:
+            self.name = "mcrd-bp"  # workers keep polling their ring (busy_poll)
+        if baseline:
+            self.name = f"mcrd@{baseline[0]}"  # mcrd as of another commit
 
     def start(self, net: Net, outputs: int) -> None:
         keep = ', source_port = "keep"' if self.faithful else ""
@@ -144,7 +170,9 @@ class Mcrd(Relay):
             f'{{ interface = "out{k}", group = "239.2.2.2", port = 6000{keep} }}' for k in range(outputs)
         )
         config = self.dir / "mcr.toml"
-        text = '[daemon]\noffload = "auto"\n' if self.offload else ""
+        text = "[daemon]\n"
+        text += 'offload = "auto"\n' if self.offload else ""
+        text += f"busy_poll = {self.busy_poll}\n" if self.busy_poll else ""
         text += (
             f'[[rule]]\ninput = {{ interface = "in0", group = "239.1.1.1", port = 5000 }}\n'
             f"outputs = [ {outs} ]\n"
@@ -162,7 +190,11 @@ class Mcrd(Relay):
         config.write_text(text)
         sock = self.dir / "control.sock"
         runtime = self.dir / "runtime.toml"
-        self.mcrd = McrdProcess(net.relay, config, sock, quiet=True, runtime_rules=runtime, cpu=RELAY_CPU)
+        # an older mcrd: its package first on the path, for the workers too
+        env = {"PYTHONPATH": str(self.baseline[1])} if self.baseline else None
+        self.mcrd = McrdProcess(
+            net.relay, config, sock, quiet=True, runtime_rules=runtime, cpu=RELAY_CPU, env=env
+        )
         self.mcrd.start()
 
     def pids(self) -> list[int]:
@@ -368,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure one-way latency added per datagram at 1,000 and 10,000/s instead (bench/latency.py)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also run mcrd as of this commit (say, the previous release), interleaved with the others",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -409,6 +446,8 @@ def measure(args: argparse.Namespace, build: Path) -> int:
     relays: list[Relay] = [Mcrd(build), Mcrd(build, offload=True), Socat(), Kernel()]
     if args.faithful:
         relays.append(Mcrd(build, faithful=True))
+    if args.baseline:
+        relays.append(Mcrd(build, baseline=(args.baseline, export(args.baseline, build))))
     many = Mcrd(build, rules=args.rules)
     results: dict[tuple[int, int, str], Result] = {}
     with Lab("mcrb-") as lab:
@@ -449,9 +488,15 @@ def measure(args: argparse.Namespace, build: Path) -> int:
 
 def measure_latency(args: argparse.Namespace, build: Path) -> int:
     """Each relay with one output, interleaved, at each rate: the latency it adds."""
-    rates = [1000.0] if args.quick else [1000.0, 10000.0]
+    rates = [1000.0] if args.quick else [1000.0, 10000.0, 100000.0]
     rounds = 1 if args.quick else args.rounds
-    relays: list[Relay] = [Mcrd(build), Mcrd(build, offload=True), Socat(), Kernel()]
+    relays: list[Relay] = [
+        Mcrd(build),
+        Mcrd(build, busy_poll=BUSY_POLL_US),
+        Mcrd(build, offload=True),
+        Socat(),
+        Kernel(),
+    ]
     found: dict[tuple[str, float], list[latency.Latency]] = {}
     with Lab("mcrb-") as lab:
         net = build_net(lab, args.rps)
@@ -460,7 +505,7 @@ def measure_latency(args: argparse.Namespace, build: Path) -> int:
                 for relay in relays:
                     relay.start(net, 1)
                     try:
-                        got = latency.measure(net.gen, net.relay, net.sinks[0], rate, args.seconds)
+                        got = latency.measure(net.gen, net.relay, net.sinks[0], rate, args.seconds, GEN_CPU)
                     finally:
                         relay.stop()
                     found.setdefault((relay.name, rate), []).append(got)
@@ -502,11 +547,19 @@ def latency_report(
                 f" {min(r.through for r in runs):>6,} of {runs[0].sent:<6,}"
                 f" {med([r.gap_in_us for r in runs]):>7,.1f} -> {med([r.gap_out_us for r in runs]):>7,.1f}"
             )
-        user, kernel = found.get(("mcrd", rate)), found.get(("mcrd-k", rate))
-        if user and kernel:
-            u99, k99 = statistics.median(r.p99_us for r in user), statistics.median(r.p99_us for r in kernel)
-            u50, k50 = statistics.median(r.p50_us for r in user), statistics.median(r.p50_us for r in kernel)
-            lines.append(f"{'':>8} mcrd/mcrd-k: p99 {u99 / k99:.1f}x, p50 {u50 - k50:+,.0f} us")
+        kernel = found.get(("mcrd-k", rate))
+        for name in ("mcrd", "mcrd-bp"):
+            user = found.get((name, rate))
+            if user and kernel:
+                u99, k99 = (
+                    statistics.median(r.p99_us for r in user),
+                    statistics.median(r.p99_us for r in kernel),
+                )
+                u50, k50 = (
+                    statistics.median(r.p50_us for r in user),
+                    statistics.median(r.p50_us for r in kernel),
+                )
+                lines.append(f"{'':>8} {name}/mcrd-k: p99 {u99 / k99:.1f}x, p50 {u50 - k50:+,.0f} us")
     return "\n".join(lines)
 
 
@@ -568,6 +621,16 @@ def report(results: dict[tuple[int, int, str], Result], cases: list[tuple[int, i
                 f"{statistics.median(f.rates) / statistics.median(a.rates):.2f} of mcrd; "
                 f"CPU {statistics.median(f.cpu_us) if f.cpu_us else float('nan'):.2f} us/datagram"
             )
+    for size, outputs in cases:
+        a = results.get((size, outputs, "mcrd"))
+        for name in (n for n in names if n.startswith("mcrd@")):
+            b = results.get((size, outputs, name))
+            if a and b and a.rates and b.rates:
+                lines.append(
+                    f"{name} ({size} B x{outputs}): {statistics.median(b.rates):,.0f}/s; "
+                    f"mcrd is {statistics.median(a.rates) / statistics.median(b.rates):.2f} of it; "
+                    f"CPU {statistics.median(b.cpu_us) if b.cpu_us else float('nan'):.2f} us/datagram"
+                )
     many = [name for name in names if name.startswith("mcrd-") and name not in ("mcrd-k", "mcrd-f")]
     for name in many:
         a, b = results.get((*cases[0], "mcrd")), results.get((*cases[0], name))

@@ -25,6 +25,17 @@ SUB_X = 0x1C  # A -= X
 JA, JEQ, JGT, JGE, JSET = 0x05, 0x15, 0x25, 0x35, 0x45
 RET_K = 0x06  # accept k bytes (0: drop)
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # an ancillary load: the packet type, not packet data
+#: loads at SKF_NET_OFF + k read the network header's byte k, wherever it
+#: is: the input sockets see frames from their link header (SOCK_RAW), whose
+#: length depends on the interface (Ethernet, a tunnel without one)
+SKF_NET_OFF = 0x100000000 - 0x100000
+
+
+def net(offset: int) -> int:
+    """The load offset of the IP header's byte `offset`."""
+    return SKF_NET_OFF + offset
+
+
 PACKET_MULTICAST = 2  # HOST=0, BROADCAST=1, MULTICAST=2; above: OTHERHOST, OUTGOING, LOOPBACK
 ACCEPT_SNAPLEN = 0x40000
 SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter
@@ -115,26 +126,26 @@ def build_filter(entries: Iterable[FilterEntry], precision: int = FilterPrecisio
     a.op(LD_W_LEN)
     a.jump_if(JGE, 20, "reject", negate=True)
     if precision == 0:
-        a.op(LD_B_ABS, 9)
+        a.op(LD_B_ABS, net(9))
         a.jump_if(JEQ, 17, "reject", negate=True)
         a.goto("accept")
     else:
-        a.op(LD_W_ABS, 16)
+        a.op(LD_W_ABS, net(16))
         a.dispatch(sorted(tree), lambda group: f"g{group}", "reject")
         for group, ports in sorted(tree.items()):
             a.label(f"g{group}")
             if precision == 1:
                 a.goto("accept")
                 continue
-            a.op(LD_B_ABS, 9)
+            a.op(LD_B_ABS, net(9))
             a.jump_if(JEQ, 17, "reject", negate=True)
-            a.op(LD_H_ABS, 6)
+            a.op(LD_H_ABS, net(6))
             a.jump_if(JSET, 0x3FFF, "accept")
-            a.op(LDX_B_MSH, 0)
+            a.op(LDX_B_MSH, net(0))
             a.op(LD_W_LEN)
             a.op(SUB_X)
             a.jump_if(JGE, 8, "accept", negate=True)
-            a.op(LD_H_IND, 2)
+            a.op(LD_H_IND, net(2))
 
             def port_label(port: int, group: int = group) -> str:
                 return f"g{group}p{port}"
@@ -145,7 +156,7 @@ def build_filter(entries: Iterable[FilterEntry], precision: int = FilterPrecisio
                 if None in sources:
                     a.goto("accept")
                     continue
-                a.op(LD_W_ABS, 12)
+                a.op(LD_W_ABS, net(12))
                 a.dispatch(sorted(s for s in sources if s is not None), lambda _src: "accept", "reject")
     a.label("accept")
     a.op(RET_K, ACCEPT_SNAPLEN)

@@ -145,7 +145,7 @@ async def _serve(
         identity,
         worker_timeout=settings.worker_timeout,
         lanes=workers_per_input(settings.workers, os.cpu_count()),
-        ring=RingSpec.of_size(settings.ring_size),
+        ring=RingSpec.of_size(settings.ring_size, settings.busy_poll),
         offload=settings.offload,
     )
     return await Service(settings, cli, loaded, book, access, supervisor).run()

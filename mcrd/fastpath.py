@@ -1,5 +1,11 @@
-"""The worker's fast data path: a TPACKET_V3 receive ring read a block at a
-time, and batched zero-copy sends (`sendmmsg`, with UDP GSO where it works).
+"""The worker's fast data path: a TPACKET_V2 receive ring read a batch of
+frames at a time, and batched zero-copy sends (`sendmmsg`, with UDP GSO where
+it works).
+
+The kernel hands each frame to user space as it arrives and wakes the worker
+(TPACKET_V3 would hold a block back until it is full or its timeout, some
+milliseconds, expires): a datagram arriving alone is relayed at once, and
+under load the worker finds many frames ready and relays them as one batch.
 
 Per datagram, Python does one `struct.unpack_from` of the frame and IP/UDP
 headers straight out of the ring and two list appends; nothing is copied and
@@ -7,12 +13,12 @@ no system call is made. After a block, each rule's datagrams leave with one
 `sendmmsg` per output whose messages point into the ring: runs of equal-sized
 payloads go as one message each with a `UDP_SEGMENT` control message (the
 kernel cuts them into datagrams), or one message per datagram where GSO is not
-available on that output. The block is handed back to the kernel only after
-everything in it was sent.
+available on that output. The frames are handed back to the kernel only
+after everything in them was sent.
 
 Layouts are those of the Linux UAPI on 64-bit machines (`struct
-tpacket_block_desc`, `struct tpacket3_hdr`, `struct mmsghdr`, `struct
-cmsghdr`); written in native byte order, so they hold on any 64-bit Linux.
+tpacket2_hdr`, `struct mmsghdr`, `struct cmsghdr`); written in native byte
+order, so they hold on any 64-bit Linux.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from typing import Any
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 
-#: block descriptor: version, offset_to_priv, then tpacket_hdr_v1
-BLOCK = struct.Struct("=8xIII4xQ")  # block_status, num_pkts, offset_to_first_pkt, seq_num
-_STATUS = struct.Struct("=I")
-FRAME = struct.Struct("=I8xII4xHH")  # tp_next_offset, tp_snaplen, tp_len, tp_mac, tp_net
+#: struct tpacket2_hdr: tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec
+FRAME = struct.Struct("=IIIHHII")
+#: frames relayed as one batch at most
+BATCH = 512
+_ZEROS = memoryview(array("I", bytes(4 * BATCH)))
 HEADERS = 28  # IPv4 without options + UDP
 
 #: a 16-bit value as read in native byte order from network byte order
@@ -51,11 +58,11 @@ def native_key(group: int, port: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def frame_unpacker(net: int) -> Callable[[Any, int], tuple[int, ...]]:
-    """unpack_from for a frame whose IP header is at `net`: tp_next_offset,
-    tp_snaplen, tp_net, then version/IHL, TOS, total length, flags/fragment
+    """unpack_from for a frame whose IP header is at `net`: tp_snaplen,
+    tp_net, then version/IHL, TOS, total length, flags/fragment
     offset, protocol, source, destination, destination port, UDP length, the
     IP/UDP fields in native byte order (compare them with SWAPPED16 values)."""
-    return struct.Struct(f"=I8xI8x2xH{net - FRAME.size}xBBH2xHxB2xII2xHH").unpack_from
+    return struct.Struct(f"=8xI2xH{net - 16}xBBH2xHxB2xII2xHH").unpack_from
 
 
 SOL_UDP = 17
@@ -91,49 +98,75 @@ def address_of(buffer: Any) -> tuple[int, Any]:
 
 
 class Ring:
-    """A TPACKET_V3 receive ring mapped from a packet socket.
+    """A TPACKET_V2 receive ring mapped from a packet socket: `count` frames
+    of `frame_size` bytes, back to back (`netio.RingSpec` lays blocks out so).
 
     The supervisor created the ring (`netio.open_packet_socket`); a worker
     maps it. A worker that starts on a ring another one left (after a crash)
-    resumes at the oldest block the kernel handed to user space.
+    resumes at the oldest frame the kernel handed to user space.
     """
 
-    def __init__(self, sock: socket.socket, block_size: int, block_count: int) -> None:
-        self.block_size = block_size
-        self.block_count = block_count
-        self.map = mmap.mmap(sock.fileno(), block_size * block_count, mmap.MAP_SHARED)
+    def __init__(self, mapped: mmap.mmap, frame_size: int, count: int, inode: int = 0) -> None:
+        self.frame_size = frame_size
+        self.count = count
+        self.map = mapped
         self.base, self._pin = address_of(self.map)
         self.view = memoryview(self.map)
+        # every frame's tp_status, as one strided view: a batch's states are
+        # read, and handed back, by one slice each
+        self.states = self.view.cast("I")[:: frame_size // 4]
         self.current = 0
-        self.inode = os.fstat(sock.fileno()).st_ino
+        self.inode = inode
+
+    @classmethod
+    def of_socket(cls, sock: socket.socket, frame_size: int, count: int) -> Ring:
+        mapped = mmap.mmap(sock.fileno(), frame_size * count, mmap.MAP_SHARED)
+        return cls(mapped, frame_size, count, os.fstat(sock.fileno()).st_ino)
 
     def close(self) -> None:
+        self.states.release()
         self.view.release()
         del self._pin
         self.map.close()
 
-    def ready(self, scan: bool = False) -> int | None:
-        """The offset of the next block owned by user space, or None. With
-        `scan`, when the next block is not ours, look through the whole ring
-        (only on a wakeup that found nothing: a predecessor left us mid-ring)."""
-        offset = self.current * self.block_size
-        if _STATUS.unpack_from(self.map, offset + 8)[0] & TP_STATUS_USER:
-            return offset
-        if not scan:
-            return None
-        oldest: tuple[int, int] | None = None  # a predecessor may have left us mid-ring
-        for index in range(self.block_count):
-            status, _n, _first, seq = BLOCK.unpack_from(self.map, index * self.block_size)
-            if status & TP_STATUS_USER and (oldest is None or seq < oldest[0]):
-                oldest = (seq, index)
-        if oldest is None:
-            return None
-        self.current = oldest[1]
-        return self.current * self.block_size
+    def ready(self) -> int:
+        """How many frames from the current one on are user space's (a batch
+        at most, and not past the ring's end). Each state read touches a
+        frame of its own, so they are read a few at first, and more only as
+        long as all were ready: the cost follows what is there."""
+        current, states = self.current, self.states
+        if states[current] == TP_STATUS_KERNEL:
+            return 0
+        end, chunk, found = min(current + BATCH, self.count), 8, 1
+        while found < end - current:
+            looked = states[current + found : min(current + found + chunk, end)].tolist()
+            try:
+                return found + looked.index(TP_STATUS_KERNEL)
+            except ValueError:
+                found += len(looked)
+                chunk *= 4
+        return found
 
-    def release(self, offset: int) -> None:
-        _STATUS.pack_into(self.map, offset + 8, TP_STATUS_KERNEL)
-        self.current = (self.current + 1) % self.block_count
+    def rescan(self) -> bool:
+        """When the current frame is not ours, move to the oldest one that is
+        (only on a wakeup that found nothing: a predecessor left us mid-ring).
+        True when there is one."""
+        oldest: tuple[int, int, int] | None = None
+        for index, status in enumerate(self.states.tolist()):
+            if status != TP_STATUS_KERNEL:
+                sec, nsec = FRAME.unpack_from(self.map, index * self.frame_size)[5:]
+                if oldest is None or (sec, nsec) < oldest[:2]:
+                    oldest = (sec, nsec, index)
+        if oldest is None:
+            return False
+        self.current = oldest[2]
+        return True
+
+    def release(self, count: int) -> None:
+        """Hand `count` frames from the current one back to the kernel."""
+        current = self.current
+        self.states[current : current + count] = _ZEROS[:count]
+        self.current = (current + count) % self.count
 
 
 class Sender:

@@ -34,6 +34,7 @@ class Link:
     addresses: frozenset[str] = frozenset()
     multicast: bool = True  # IFF_MULTICAST: WireGuard and most point-to-point tunnels lack it
     bridge: str | None = None  # the bridge this interface is a port of
+    mtu: int = 1500
 
 
 Snapshot = dict[str, Link]  # by name
@@ -61,6 +62,7 @@ class LinkTable:
                 bool(flags & IFF_UP),
                 old.addresses if old else frozenset(),
                 bool(flags & IFF_MULTICAST),
+                mtu=msg.get_attr("IFLA_MTU") or 1500,
             )
             self.masters[index] = msg.get_attr("IFLA_MASTER") if port_kind == "bridge" else None
         elif event == "RTM_DELLINK":

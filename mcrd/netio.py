@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from mcrd.bpf_classic import FilterPrecision, compile_filters, drop_all_filter
 from mcrd.packet import FilterEntry
@@ -30,7 +32,7 @@ IP_FREEBIND = 15
 PACKET_RX_RING = 5
 PACKET_VERSION = 10
 PACKET_FANOUT = 18
-TPACKET_V3 = 2
+TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
 PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 
@@ -39,32 +41,57 @@ SEND_BUFFER = 8 << 20
 
 @dataclass(frozen=True)
 class RingSpec:
-    """Geometry of a TPACKET_V3 receive ring.
+    """Geometry of a TPACKET_V2 receive ring: `size` bytes in frames of
+    `frame_size`.
 
-    The kernel closes a block when it is full or `timeout_ms` after its first
-    frame, so at low rates each block holds `timeout_ms` of traffic and the
-    ring absorbs `block_count * timeout_ms` of worker stall (0.5 s by
-    default); at high rates a 128 KiB block holds about 115 datagrams of
-    1,024 bytes or 680 of 64. A block must hold the largest frame (64 KiB).
+    Each frame holds one received frame and the kernel's header before it, so
+    `for_mtu` sizes frames to the input interface's MTU: 2 KiB up to an MTU of
+    about 1,900, 16 KiB at most (a 9,000-byte jumbo MTU fits). The default 32
+    MiB are 16,384 frames of 2 KiB: about 50 ms of a 300,000 datagrams/s
+    stream should the worker stall.
     """
 
-    block_size: int = 128 << 10
-    block_count: int = 256
-    timeout_ms: int = 2
+    size: int = 32 << 20
+    frame_size: int = 2048
+    #: microseconds the worker keeps polling the ring after the last frame
+    #: before it sleeps in poll(2) (0: at once); see `[daemon] busy_poll`
+    busy_poll: int = 0
+
+    MIN_FRAME: ClassVar[int] = 2048
+    MAX_FRAME: ClassVar[int] = 16 << 10
+    #: room before the IP header: tpacket2_hdr and sockaddr_ll (52 bytes,
+    #: aligned), a link header, a VLAN tag and slack
+    HEADROOM: ClassVar[int] = 160
 
     @classmethod
-    def of_size(cls, mib: int) -> RingSpec:
-        return cls(block_count=max(8, (mib << 20) // cls.block_size))
+    def of_size(cls, mib: int, busy_poll: int = 0) -> RingSpec:
+        return cls(size=mib << 20, busy_poll=busy_poll)
+
+    def for_mtu(self, mtu: int) -> RingSpec:
+        frame = self.MIN_FRAME
+        while frame < min(mtu + self.HEADROOM, self.MAX_FRAME):
+            frame *= 2
+        return replace(self, frame_size=frame)
+
+    @property
+    def block_size(self) -> int:
+        # whole frames, a page at least: frames then lie back to back in the mapping
+        return max(self.frame_size, mmap.PAGESIZE)
+
+    @property
+    def frame_count(self) -> int:
+        per_block = self.block_size // self.frame_size
+        return max(64, self.size // self.block_size * per_block)
+
+    def request(self) -> bytes:
+        """struct tpacket_req: block_size, block_nr, frame_size, frame_nr."""
+        blocks = self.frame_count * self.frame_size // self.block_size
+        return struct.pack("=4I", self.block_size, blocks, self.frame_size, self.frame_count)
 
 
 def _set_ring(sock: socket.socket, ring: RingSpec) -> None:
-    sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-    frame_size = 2048  # only checked for V3, whose frames are packed
-    frames = ring.block_size // frame_size * ring.block_count
-    # struct tpacket_req3: block_size, block_nr, frame_size, frame_nr,
-    # retire_blk_tov, sizeof_priv, feature_req_word
-    req = struct.pack("=7I", ring.block_size, ring.block_count, frame_size, frames, ring.timeout_ms, 0, 0)
-    sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+    sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+    sock.setsockopt(SOL_PACKET, PACKET_RX_RING, ring.request())
 
 
 def join_fanout(sock: socket.socket, group: int | None) -> int:
@@ -127,7 +154,7 @@ def open_packet_socket(
     interface: str, entries: Iterable[FilterEntry], ring: RingSpec | None = None
 ) -> tuple[socket.socket, FilterPrecision]:
     """An AF_PACKET receive socket on one interface, filtered in the kernel,
-    with a TPACKET_V3 receive ring, and the precision of its filter.
+    with a TPACKET_V2 receive ring, and the precision of its filter.
 
     Created with protocol 0 so that it receives nothing until the filter is
     attached, the ring set up and it is bound: no foreign frame slips in

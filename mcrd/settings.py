@@ -97,7 +97,14 @@ class DaemonOptions(BaseModel):
         'or "off" for user space only; a rule\'s own offload wins',
     )
     ring_size: Annotated[int, Setting(metavar="MIB")] = Field(
-        32, ge=4, le=1024, description="MiB of receive ring per worker (TPACKET_V3), 4 to 1024"
+        32, ge=4, le=1024, description="MiB of receive ring per worker (TPACKET_V2), 4 to 1024"
+    )
+    busy_poll: Annotated[int, Setting(metavar="MICROSECONDS")] = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="microseconds a worker keeps polling its ring after the last datagram before it "
+        "sleeps: a core per worker for the lowest latency; 0: sleep at once",
     )
     max_rules: Annotated[int, Setting(live=True, metavar="N")] = Field(
         1000, ge=1, le=100_000, description="rules at most, from the file and added at run time together"

@@ -143,17 +143,23 @@ class Configure:
     ring's shape and its rules. Equal messages configure alike, so the
     supervisor skips sending one equal to the last."""
 
-    block_size: int
-    block_count: int
+    frame_size: int
+    frame_count: int
     rules: tuple[RuleConfig, ...]
     #: this host's addresses, for the loop guard (sorted: equal hosts, equal messages)
     local_addresses: tuple[str, ...] = ()
+    #: microseconds to keep polling the ring after the last frame (0: sleep at once)
+    busy_poll: int = 0
 
     def message(self) -> dict[str, Any]:
         return {
             "op": "configure",
             "packet_fd": 0,
-            "ring": {"block_size": self.block_size, "block_count": self.block_count},
+            "ring": {
+                "frame_size": self.frame_size,
+                "frame_count": self.frame_count,
+                "busy_poll": self.busy_poll,
+            },
             "rules": [r.message() for r in self.rules],
             "local_addresses": list(self.local_addresses),
         }
@@ -162,10 +168,11 @@ class Configure:
     def parse(cls, m: dict[str, Any]) -> Configure:
         ring = m["ring"]
         return cls(
-            ring["block_size"],
-            ring["block_count"],
+            ring["frame_size"],
+            ring["frame_count"],
             tuple(RuleConfig.parse(r) for r in m["rules"]),
             tuple(m["local_addresses"]),
+            ring["busy_poll"],
         )
 
 

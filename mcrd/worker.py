@@ -69,6 +69,7 @@ class Worker:
         # the loop guard: this host's addresses, and what it relayed lately
         self.local: frozenset[int] = frozenset()
         self.recent = Recent()
+        self.busy_poll = 0.0  # seconds to keep polling the ring after the last frame
 
     # -- control -----------------------------------------------------------
 
@@ -78,14 +79,14 @@ class Worker:
             sock.setblocking(False)
         packet_sock = socks[0]
         if self.ring is None or self.ring.inode != os.fstat(packet_sock.fileno()).st_ino:
-            mapped = fastpath.Ring(packet_sock, config.block_size, config.block_count)
+            mapped = fastpath.Ring.of_socket(packet_sock, config.frame_size, config.frame_count)
             if self.ring is not None:
                 self.ring.close()
             self.ring = mapped
-            # a block holds at most one frame per 64 bytes
-            self.sender = fastpath.Sender(config.block_size // 64)
-            self.raw_sender = fastpath.RawSender(config.block_size // 64)
+            self.sender = fastpath.Sender(fastpath.BATCH)
+            self.raw_sender = fastpath.RawSender(fastpath.BATCH)
         self.local = frozenset(ip_to_int(a) for a in config.local_addresses)
+        self.busy_poll = config.busy_poll / 1e6
         old = {r.ident: r for r in self.rules}
         rules = [carried_rule(spec, socks, old.get(spec.rule)) for spec in config.rules]
         self.table, self.fast = tables(config.rules, rules)
@@ -132,20 +133,22 @@ class Worker:
     # -- data path ---------------------------------------------------------
 
     def drain(self, scan: bool = False) -> bool:
-        """Relay one block of the ring; True when there was one."""
+        """Relay the frames ready in the ring, a batch at most; True when
+        there were some."""
         ring = self.ring
         if ring is None:
             return False
-        offset = ring.ready(scan)
-        if offset is None:
+        count = ring.ready()
+        if not count and scan and ring.rescan():
+            count = ring.ready()
+        if not count:
             return False
-        _status, count, first, _seq = fastpath.BLOCK.unpack_from(ring.map, offset)
-        self.relay_block(ring, offset + first, count)
-        ring.release(offset)
+        self.relay_batch(ring, ring.current * ring.frame_size, count)
+        ring.release(count)
         return True
 
-    def relay_block(self, ring: fastpath.Ring, pos: int, count: int) -> None:
-        """Relay the `count` frames of a block starting at `pos`.
+    def relay_batch(self, ring: fastpath.Ring, pos: int, count: int) -> None:
+        """Relay the `count` consecutive frames of the ring starting at `pos`.
 
         The loop below is the hot path: one unpack of the frame and IP/UDP
         headers in native byte order (compared against byte-swapped
@@ -155,6 +158,7 @@ class Worker:
         """
         m = ring.map
         net = fastpath.FRAME.unpack_from(m, pos)[4]  # the same for every frame of a socket
+        step = ring.frame_size
         unpack = fastpath.frame_unpacker(net)
         fast, swapped, fragmask = self.fast, fastpath.SWAPPED16, fastpath.FRAGMENT_MASK
         payload_at = ring.base + net + fastpath.HEADERS
@@ -164,7 +168,7 @@ class Worker:
         add_addr = add_len = add_tos = nowhere.append  # rebound to the current rule's lists
         slow = self.slow_frame
         for _ in range(count):
-            step, snap, fnet, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
+            snap, fnet, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
             if (
                 fnet == net
                 and vihl == 0x45
@@ -195,7 +199,7 @@ class Worker:
     def slow_frame(self, ring: fastpath.Ring, pos: int, touched: list[Rule]) -> None:
         """One frame the fast path would not take: parsed in full, matched
         by source, policed, or counted as a drop."""
-        _step, snap, _length, _mac, net = fastpath.FRAME.unpack_from(ring.map, pos)
+        _status, _length, snap, _mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(ring.map, pos)
         at = pos + net
         dgram = parse(ring.view[at : at + snap], snap)
         if dgram.__class__ is str:
@@ -223,7 +227,7 @@ class Worker:
             if not rule.policer.allow(size, monotonic()):
                 rule.limited += 1
                 return
-            rule.packets -= 1  # counted again with the block
+            rule.packets -= 1  # counted again with the batch
             rule.octets -= size
         if not rule.addrs:
             touched.append(rule)
@@ -241,7 +245,7 @@ class Worker:
         address, pin, fresh = ring.base + at + dgram.start, None, None
         if rule.decrements and dgram.ttl <= 1:
             rule.expired += 1  # not relayed where outputs decrement the TTL
-        partial = _TP_STATUS.unpack_from(ring.map, pos + 20)[0] & TP_STATUS_CSUMNOTREADY
+        partial = _TP_STATUS.unpack_from(ring.map, pos)[0] & TP_STATUS_CSUMNOTREADY
         if partial or rule.rewrite is not None:
             payload: bytes | memoryview = ring.view[at + dgram.start : at + dgram.end]
             changed = mdns_multicast_query(bytes(payload)) if rule.rewrite == "mdns" else None
@@ -377,18 +381,40 @@ class Worker:
                     self.handle_channel()
                 elif fd == registered and events & (select.POLLIN | select.POLLERR):
                     if not self.drain() and not self.drain(scan=True):
-                        time.sleep(0.001)  # readable yet no block of ours: do not spin
+                        time.sleep(0.001)  # readable yet no frame of ours: do not spin
                     while self.drain() and not _readable(self.chan):
                         pass
+                    if self.busy_poll:
+                        self.spin()
                 if not self.running:
                     break
+
+    def spin(self) -> None:
+        """Busy polling: keep reading the ring until `busy_poll` seconds pass
+        without a frame, so that the next datagram is relayed without the
+        wakeup of a sleeping process (tens of microseconds to milliseconds
+        on a busy or virtual machine). A message on the channel ends the
+        spin; it is looked at after each batch and every few hundred empty
+        rounds."""
+        drain, chan, span = self.drain, self.chan, self.busy_poll
+        idle_until = monotonic() + span
+        rounds = 0
+        while True:
+            if drain():
+                idle_until = monotonic() + span
+                if _readable(chan):
+                    return
+            else:
+                rounds += 1
+                if rounds & 255 == 0 and (_readable(chan) or monotonic() > idle_until):
+                    return
 
 
 #: a GSO message refused: too large for the path (EMSGSIZE, EINVAL on older
 #: kernels), or no checksum offload or GSO on the interface at all
 _NO_GSO = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
-#: tpacket3_hdr.tp_status: the checksum is left to offload (only partly computed)
+#: tpacket2_hdr.tp_status: the checksum is left to offload (only partly computed)
 _TP_STATUS = struct.Struct("=I")
 TP_STATUS_CSUMNOTREADY = 0x8
 

@@ -69,7 +69,7 @@ class Supervisor:
         self.lanes_per_port = lanes
         self.ring = ring or RingSpec()
         self.outputs = OutputPool(self.seams.net)
-        self.workers = Workers(self.seams, identity, self.ring, self.outputs, worker_timeout)
+        self.workers = Workers(self.seams, identity, self.outputs, worker_timeout)
         self.kernel = KernelPath(self.seams, offload)
         self.ports: dict[str, InputPort] = {}
         self.links: Snapshot | None = None  # None until netlink has told us

@@ -129,6 +129,7 @@ class Lane:
 
     index: int
     sock: socket.socket
+    ring: RingSpec = field(default_factory=RingSpec)  # the geometry its ring was made with
     worker: WorkerHandle | None = None
     sent: Configure | None = None  # what the worker was last configured with
     failed_with: Configure | None = None  # what its worker failed to boot on
@@ -216,9 +217,10 @@ def open_lanes(port: InputPort, link: Link, plan: PortPlan, net: NetIO, ring: Ri
     nothing stays open and OSError says why."""
     try:
         fanout: int | None = None
+        shaped = ring.for_mtu(link.mtu)
         for index in range(lanes):
-            sock, port.precision = net.open_packet_socket(port.interface, plan.entries, ring)
-            port.lanes.append(Lane(index, sock))
+            sock, port.precision = net.open_packet_socket(port.interface, plan.entries, shaped)
+            port.lanes.append(Lane(index, sock, shaped))
             if lanes > 1:
                 fanout = net.join_fanout(sock, fanout)
         port.programmed = plan.entries

@@ -22,7 +22,6 @@ from typing import Any, Generic, TypeVar
 
 from mcrd import wire
 from mcrd.counters import parse_stats
-from mcrd.netio import RingSpec
 from mcrd.rules import Destination, RuleKey, RuleSpec
 from mcrd.supervisor.outputs import OutputPool
 from mcrd.supervisor.ports import InputPort, Lane, PortState
@@ -241,13 +240,10 @@ class Identities(Generic[T]):
 class Workers:
     """Starts, configures, samples and restarts the lanes' workers."""
 
-    def __init__(
-        self, seams: Seams, identity: Identity, ring: RingSpec, outputs: OutputPool, worker_timeout: float
-    ) -> None:
+    def __init__(self, seams: Seams, identity: Identity, outputs: OutputPool, worker_timeout: float) -> None:
         self.seams = seams
         self.clock = seams.clock
         self.identity = identity
-        self.ring = ring
         self.outputs = outputs
         self.worker_timeout = worker_timeout
         self.rule_ids: Identities[RuleKey] = Identities()
@@ -311,8 +307,9 @@ class Workers:
                     rewrite="mdns" if known is not None and known.name == "mdns" else None,
                 )
             )
+        ring = lane.ring
         config = wire.Configure(
-            self.ring.block_size, self.ring.block_count, tuple(rules), self.local_addresses
+            ring.frame_size, ring.frame_count, tuple(rules), self.local_addresses, ring.busy_poll
         )
         return config, fds
 

@@ -45,7 +45,7 @@ def test_bench_latency_mode_measures_every_relay() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith("1,000 ")]
-    assert [r[1] for r in rows] == ["mcrd", "mcrd-k", "socat", "kernel"], result.stdout
+    assert [r[1] for r in rows] == ["mcrd", "mcrd-bp", "mcrd-k", "socat", "kernel"], result.stdout
     for row in rows:
         p50, p99, through, sent = (
             float(row[2].replace(",", "")),

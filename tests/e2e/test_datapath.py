@@ -110,3 +110,50 @@ def test_a_burst_of_mixed_sizes_arrives_whole_and_in_order(
     stats = daemon.rule_stats("camera")
     assert stats["packets"] == len(sizes) and stats["bytes"] == sum(sizes)
     assert stats["outputs"][0]["bytes"] == sum(sizes)
+
+
+def test_a_burst_that_wraps_a_small_ring_many_times_arrives_in_order(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # 4 MiB are 2,048 frames of 2 KiB: 10,000 datagrams sent as fast as the
+    # sender can go the ring round several times, in batches that end at
+    # its last frame and start again at its first.
+    daemon = start_mcrd(net, tmp_path, daemons, "[daemon]\nring_size = 4\n" + BASIC)
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    tx = TrafficSender(net.src, "eth0", ttl=4)
+    tx.stream("239.1.1.1", 5000, stream=3, count=10_000, rate=50_000.0, size=100)
+    assert_stream(rx, 3, 10_000, "239.2.2.2", 6000, offload="off")
+    wait_until(lambda: daemon.rule_stats("camera")["packets"] == 10_000, what="every datagram counted")
+
+
+def test_jumbo_frames_fill_frames_sized_to_the_mtu(net: Net, tmp_path: Path, daemons: list[Daemon]) -> None:
+    # The ring's frames follow the input's MTU when it opens: 16 KiB for 9,000.
+    for ns, dev in ((net.src, "eth0"), (net.relay, "in0"), (net.relay, "out0"), (net.dst1, "eth0")):
+        run("ip", "-n", ns, "link", "set", dev, "mtu", "9000")
+    daemon = start_mcrd(net, tmp_path, daemons, BASIC)
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    tx = TrafficSender(net.src, "eth0", ttl=4)
+    tx.stream("239.1.1.1", 5000, stream=4, count=300, rate=5000.0, size=8900)
+    assert_stream(rx, 4, 300, "239.2.2.2", 6000, offload="off")
+    assert all(len(a.payload) == 8900 for a in rx.arrivals)
+    assert daemon.rule_stats("camera")["outputs"][0]["errors"] == 0
+
+
+def test_a_busy_polling_worker_relays_and_still_answers(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # busy_poll = 1 s: the worker keeps polling its ring between datagrams;
+    # a stats request on its channel must still end the spin and be answered.
+    daemon = start_mcrd(net, tmp_path, daemons, "[daemon]\nbusy_poll = 1000000\n" + BASIC)
+    rx = Receiver(net.dst1, "239.2.2.2", 6000, "eth0")
+    tx = TrafficSender(net.src, "eth0", ttl=4)
+    sending = threading.Thread(target=tx.stream, args=("239.1.1.1", 5000, 5, 3000), kwargs={"rate": 1000.0})
+    sending.start()
+    try:
+        wait_until(lambda: daemon.rule_stats("camera")["packets"] >= 100, what="relaying")
+        counts = [daemon.rule_stats("camera")["packets"] for _ in range(5)]  # each answered mid-spin
+        assert counts == sorted(counts)
+    finally:
+        sending.join()
+    assert_stream(rx, 5, 3000, "239.2.2.2", 6000, offload="off")
+    wait_until(lambda: daemon.rule_stats("camera")["packets"] == 3000, what="every datagram counted")

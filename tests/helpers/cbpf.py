@@ -17,17 +17,41 @@ from mcrd.bpf_classic import (
     LDX_B_MSH,
     RET_K,
     SKF_AD_PKTTYPE,
+    SKF_NET_OFF,
     SUB_X,
     Insn,
 )
 
+#: an Ethernet header: what a packet socket's filter sees before the IP header
+ETHERNET = bytes.fromhex("01005e010101 02000000000a 0800")
+SKF_LL_OFF = 0x100000000 - 0x200000
 
-def run_filter(program: list[Insn], packet: bytes, pkttype: int = 0, steps: list[int] | None = None) -> int:
-    """Run `program` on `packet` the way the kernel does; returns the snap
-    length (0: rejected). `steps`, if given, gets the number of instructions run."""
+
+def run_filter(
+    program: list[Insn],
+    packet: bytes,
+    pkttype: int = 0,
+    steps: list[int] | None = None,
+    link: bytes = ETHERNET,
+) -> int:
+    """Run `program` on the IP `packet` behind a `link` header the way the
+    kernel does for a SOCK_RAW packet socket; returns the snap length (0:
+    rejected). `steps`, if given, gets the number of instructions run."""
     a = x = 0
     pc = 0
+    packet = link + packet
     n = len(packet)
+
+    def offset(k: int) -> int:
+        """Where a load at k reads: SKF_NET_OFF + i is the IP header's byte
+        i; offsets run in 32 bits, as the kernel's do."""
+        k &= 0xFFFFFFFF
+        if SKF_NET_OFF <= k < SKF_NET_OFF + 0x100000:
+            return len(link) + k - SKF_NET_OFF
+        if k >= SKF_LL_OFF:
+            raise ValueError(f"load at {k:#x}: not interpreted")
+        return k
+
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
@@ -37,7 +61,7 @@ def run_filter(program: list[Insn], packet: bytes, pkttype: int = 0, steps: list
             if code == LD_W_ABS and k == SKF_AD_PKTTYPE:
                 a = pkttype
                 continue
-            off = k + x if code == LD_H_IND else k
+            off = offset(k + x if code == LD_H_IND else k)
             width = {LD_W_ABS: 4, LD_H_ABS: 2, LD_B_ABS: 1, LD_H_IND: 2}[code]
             if off + width > n:
                 return 0
@@ -45,9 +69,10 @@ def run_filter(program: list[Insn], packet: bytes, pkttype: int = 0, steps: list
         elif code == LD_W_LEN:
             a = n
         elif code == LDX_B_MSH:
-            if k >= n:
+            at = offset(k)
+            if at >= n:
                 return 0
-            x = (packet[k] & 0x0F) * 4
+            x = (packet[at] & 0x0F) * 4
         elif code == SUB_X:
             a = (a - x) & 0xFFFFFFFF
         elif code == JA:

@@ -10,7 +10,7 @@ import pytest
 
 from mcrd.bpf_classic import ACCEPT_SNAPLEN, BPF_MAXINSNS, build_filter, compile_filters
 from mcrd.packet import FilterEntry, ip_to_int
-from tests.helpers.cbpf import run_filter
+from tests.helpers.cbpf import ETHERNET, run_filter
 from tests.helpers.packets import ipv4_udp
 
 HOST, BROADCAST, MULTICAST, OTHERHOST, OUTGOING = 0, 1, 2, 3, 4
@@ -99,3 +99,15 @@ def test_compiled_filter_is_the_kernel_layout() -> None:
     assert precision == 2
     assert len(blob) == 8 * len(build_filter(ENTRIES, 2))
     assert struct.unpack_from("=HBBI", blob, len(blob) - 8) == (0x06, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [b"", ETHERNET, ETHERNET[:12] + bytes.fromhex("8100 0064 0800")],
+    ids=["tunnel (no link header)", "ethernet", "vlan tag in the frame"],
+)
+def test_the_filter_reads_the_ip_header_wherever_the_link_header_ends(link: bytes) -> None:
+    program = build_filter(ENTRIES, precision=2)
+    assert run_filter(program, ipv4_udp(dst="239.1.1.5"), MULTICAST, link=link) == ACCEPT_SNAPLEN
+    assert run_filter(program, ipv4_udp(dst="239.1.1.5", src="192.0.2.11"), MULTICAST, link=link) == 0
+    assert run_filter(program, ipv4_udp(dport=5001), MULTICAST, link=link) == 0

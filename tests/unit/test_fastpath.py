@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from mcrd.fastpath import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, Sender
+import mmap
+import struct
+
+from mcrd.fastpath import BATCH, FRAME, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, Ring, Sender
+from mcrd.netio import RingSpec
 
 
 def plan(lens: list[int], limit: int = GSO_MAX_BYTES) -> list[tuple[int, int, int]]:
@@ -44,3 +48,60 @@ def test_one_marking_keeps_the_gso_runs_and_mixed_ones_go_one_by_one() -> None:
     assert sender.tos == 0xB8 and sender.plan(GSO_MAX_BYTES) == [(0, 3, 100)]
     sender.load([111, 222, 333], [100, 100, 100], [0xB8, 0x00, 0xB8])
     assert sender.tos is None and sender.plan(GSO_MAX_BYTES) == [(0, 1, 0), (1, 1, 0), (2, 1, 0)]
+
+
+# -- the TPACKET_V2 ring, on an anonymous mapping laid out as the kernel's --
+
+
+def ring_of(states: list[int], frame_size: int = 2048) -> Ring:
+    mapped = mmap.mmap(-1, frame_size * len(states))
+    for index, status in enumerate(states):
+        FRAME.pack_into(mapped, index * frame_size, status, 0, 0, 0, 0, 100 + index, 0)
+    return Ring(mapped, frame_size, len(states))
+
+
+def test_ready_counts_the_frames_handed_over_from_the_current_one() -> None:
+    assert ring_of([0] * 8).ready() == 0
+    assert ring_of([1, 0, 1, 1]).ready() == 1
+    # any user-space status counts: checksum not ready, VLAN valid, copied, ...
+    assert ring_of([1 | 0x8, 1 | 0x10, 1 | 0x80, 0]).ready() == 3
+    many = ring_of([1] * 100 + [0] * 28)
+    assert many.ready() == 100  # read in growing chunks, found the same
+
+
+def test_ready_stops_at_a_batch_and_at_the_end_of_the_ring() -> None:
+    assert ring_of([1] * (BATCH + 100)).ready() == BATCH
+    ring = ring_of([1] * 10)
+    ring.current = 7
+    assert ring.ready() == 3  # the next batch starts at frame 0
+
+
+def test_release_hands_frames_back_and_wraps() -> None:
+    ring = ring_of([1] * 6)
+    ring.current = 4
+    ring.release(2)
+    assert ring.current == 0
+    assert ring.states.tolist() == [1, 1, 1, 1, 0, 0]
+    ring.release(3)
+    assert (ring.current, ring.states.tolist()) == (3, [0, 0, 0, 1, 0, 0])
+
+
+def test_rescan_finds_the_oldest_frame_a_predecessor_left() -> None:
+    ring = ring_of([0, 0, 1, 1, 0, 0])
+    assert ring.ready() == 0
+    assert ring.rescan() and ring.current == 2
+    FRAME.pack_into(ring.map, 0, 1, 0, 0, 0, 0, 99, 0)  # frame 0 came before frame 2
+    assert ring.rescan() and ring.current == 0
+    assert not ring_of([0] * 4).rescan()
+
+
+def test_frames_are_sized_to_the_mtu_and_lie_back_to_back() -> None:
+    assert RingSpec().for_mtu(1500).frame_size == 2048
+    assert RingSpec().for_mtu(1900).frame_size == 4096
+    assert RingSpec().for_mtu(9000).frame_size == 16384
+    assert RingSpec().for_mtu(65536).frame_size == RingSpec.MAX_FRAME
+    for spec in (RingSpec.of_size(32).for_mtu(1500), RingSpec.of_size(4).for_mtu(9000)):
+        block, blocks, frame, frames = struct.unpack("=4I", spec.request())
+        assert block % mmap.PAGESIZE == 0 and block % frame == 0
+        assert blocks * block == frames * frame == spec.size
+    assert RingSpec.of_size(32).frame_count == 16384

@@ -75,8 +75,8 @@ def test_end_of_stream_is_none(channel: tuple[socket.socket, socket.socket]) -> 
 
 def configure(generation: int = 1, pps: int | None = None) -> Configure:
     return Configure(
-        block_size=1 << 20,
-        block_count=4,
+        frame_size=2048,
+        frame_count=64,
         rules=(
             RuleConfig(
                 rule=1,
