@@ -224,6 +224,10 @@ def collecting(*receivers: Receiver) -> Iterator[None]:
             r.poll(0)
 
 
+SOL_UDP = 17
+UDP_SEGMENT = 103
+
+
 class TrafficSender:
     """Sends test payloads from a namespace's interface, as an application would."""
 
@@ -262,6 +266,22 @@ class TrafficSender:
             if delay > 0:
                 time.sleep(delay)  # pacing the sender, not waiting for a result
             self.send(group, port, make_payload(stream, first + n, size))
+
+    def stream_gso(
+        self, group: str, port: int, stream: int, count: int, per: int, rate: float, size: int = 64
+    ) -> None:
+        """Send `count` sequenced payloads of `size` bytes in runs of `per`,
+        each run one `sendmsg` with UDP GSO (as QUIC stacks and mcrd itself
+        send), at about `rate` payloads per second. A veth carries each run
+        to the far side as one frame, an aggregate of datagrams."""
+        start = time.monotonic()
+        for first in range(0, count, per):
+            delay = start + first / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the sender, not waiting for a result
+            run = b"".join(make_payload(stream, n, size) for n in range(first, min(first + per, count)))
+            segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+            self.sock.sendmsg([run], segment, 0, (group, port))
 
     def stream_until(
         self, stop: threading.Event, group: str, port: int, stream: int, rate: float = 1000.0, size: int = 64

@@ -39,6 +39,14 @@ TP_STATUS_USER = 1
 
 #: struct tpacket2_hdr: tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec
 FRAME = struct.Struct("=IIIHHII")
+TP_STATUS_COPY = 0x2  # the frame did not fit: the socket's queue has it whole
+#: struct virtio_net_hdr before each frame's link header (PACKET_VNET_HDR):
+#: flags, gso_type, hdr_len, gso_size (then csum_start, csum_offset)
+VNET = struct.Struct("=BBHH")
+VNET_SIZE = 10
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5  # an aggregate of UDP datagrams of gso_size bytes
+#: the largest copy read from the queue: an IP packet of 64 KiB and its headers
+COPY_MAX = VNET_SIZE + 64 + 65536
 #: frames relayed as one batch at most
 BATCH = 512
 _ZEROS = memoryview(array("I", bytes(4 * BATCH)))
@@ -57,12 +65,15 @@ def native_key(group: int, port: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def frame_unpacker(net: int) -> Callable[[Any, int], tuple[int, ...]]:
-    """unpack_from for a frame whose IP header is at `net`: tp_snaplen,
-    tp_net, then version/IHL, TOS, total length, flags/fragment
-    offset, protocol, source, destination, destination port, UDP length, the
-    IP/UDP fields in native byte order (compare them with SWAPPED16 values)."""
-    return struct.Struct(f"=8xI2xH{net - 16}xBBH2xHxB2xII2xHH").unpack_from
+def frame_unpacker(mac: int, net: int) -> Callable[[Any, int], tuple[int, ...]]:
+    """unpack_from for a frame whose link header is at `mac` and IP header
+    at `net`: tp_snaplen, tp_mac, tp_net, the virtio header's GSO type (0:
+    one datagram, not an aggregate), then version/IHL, TOS, total length,
+    flags/fragment offset, protocol, source, destination, destination port,
+    UDP length, the IP/UDP fields in native byte order (compare them with
+    SWAPPED16 values)."""
+    gso_at = mac - VNET_SIZE + 1
+    return struct.Struct(f"=8xIHH{gso_at - 16}xB{net - gso_at - 1}xBBH2xHxB2xII2xHH").unpack_from
 
 
 SOL_UDP = 17

@@ -30,6 +30,8 @@ MCAST_JOIN_SOURCE_GROUP = 46
 IP_FREEBIND = 15
 
 PACKET_RX_RING = 5
+PACKET_COPY_THRESH = 7
+PACKET_VNET_HDR = 15
 PACKET_VERSION = 10
 PACKET_FANOUT = 18
 TPACKET_V2 = 1
@@ -161,13 +163,23 @@ def open_packet_socket(
     between.
     """
     index = ifindex(interface)
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         precision = attach_best_filter(sock, entries)
         # Bound to ETH_P_IP, the socket only sees incoming frames already;
         # this keeps our own transmissions out should the binding ever widen.
         sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-        _set_ring(sock, ring or RingSpec())
+        # A virtio header before each frame says whether it is an aggregate
+        # of datagrams (UDP GSO from a sender on this host or a veth peer,
+        # GRO on a NIC) and of what size each is; SOCK_RAW only.
+        sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        # A frame larger than the ring's frames (an aggregate, a jumbo frame
+        # beyond them) goes whole to the socket's queue as well, which may
+        # hold as much as the ring.
+        sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
+        ring = ring or RingSpec()
+        force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, ring.size)
+        _set_ring(sock, ring)
         sock.bind((interface, ETH_P_IP))
         if ifindex(interface) != index:
             raise OSError(errno.ENODEV, f"interface {interface!r} was replaced while opening it")

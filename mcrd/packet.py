@@ -1,8 +1,8 @@
 """IPv4/UDP parsing, as pure functions, and what a socket filter must let through.
 
-The worker's receive socket is an AF_PACKET SOCK_DGRAM socket, so every buffer
-here starts at the IPv4 header (the link header is already stripped, which
-also makes tunnels and VLAN sub-interfaces look the same as Ethernet).
+Every buffer here starts at the IPv4 header: the worker reads each frame's
+IP header where the kernel says it begins (tp_net), past the link header,
+so tunnels and VLAN sub-interfaces look the same as Ethernet.
 No sockets here. The classic BPF filter built from `FilterEntry`s is in
 mcrd/bpf_classic.py.
 """

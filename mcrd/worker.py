@@ -17,7 +17,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from time import monotonic
@@ -70,6 +69,8 @@ class Worker:
         self.local: frozenset[int] = frozenset()
         self.recent = Recent()
         self.busy_poll = 0.0  # seconds to keep polling the ring after the last frame
+        #: buffers the current batch's datagrams lie in, besides the ring
+        self.pins: list[tuple[bytearray, Any]] = []
 
     # -- control -----------------------------------------------------------
 
@@ -157,9 +158,10 @@ class Worker:
         rule without source or rate limit goes to `slow_frame`.
         """
         m = ring.map
-        net = fastpath.FRAME.unpack_from(m, pos)[4]  # the same for every frame of a socket
+        # where the link and IP headers start: the same for every frame of a socket
+        _status, _length, _snap, mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(m, pos)
         step = ring.frame_size
-        unpack = fastpath.frame_unpacker(net)
+        unpack = fastpath.frame_unpacker(mac, net)
         fast, swapped, fragmask = self.fast, fastpath.SWAPPED16, fastpath.FRAGMENT_MASK
         payload_at = ring.base + net + fastpath.HEADERS
         touched: list[Rule] = []
@@ -168,9 +170,11 @@ class Worker:
         add_addr = add_len = add_tos = nowhere.append  # rebound to the current rule's lists
         slow = self.slow_frame
         for _ in range(count):
-            snap, fnet, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
+            snap, fmac, fnet, gso, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
             if (
                 fnet == net
+                and fmac == mac
+                and not gso
                 and vihl == 0x45
                 and proto == 17
                 and not frag & fragmask
@@ -195,13 +199,27 @@ class Worker:
         self.received += count
         for rule in touched:
             self.send(rule)
+        self.pins.clear()
 
     def slow_frame(self, ring: fastpath.Ring, pos: int, touched: list[Rule]) -> None:
-        """One frame the fast path would not take: parsed in full, matched
-        by source, policed, or counted as a drop."""
-        _status, _length, snap, _mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(ring.map, pos)
-        at = pos + net
-        dgram = parse(ring.view[at : at + snap], snap)
+        """One frame the fast path would not take: parsed in full, split into
+        its datagrams if it is an aggregate (UDP GSO or GRO), matched by
+        source, policed, or counted as a drop. A frame larger than the
+        ring's frames arrives whole in the socket's queue (TP_STATUS_COPY)."""
+        status, _length, snap, mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(ring.map, pos)
+        _flags, gso_type, _hdr_len, gso_size = fastpath.VNET.unpack_from(
+            ring.map, pos + mac - fastpath.VNET_SIZE
+        )
+        view, base, at = ring.view, ring.base, pos + net
+        if status & fastpath.TP_STATUS_COPY:
+            whole = self.copied(ring.view[at : at + min(snap, fastpath.HEADERS)], net - mac)
+            if whole is None:  # the queue had no room for it: it came cut short
+                self.drops["truncated"] += 1
+                return
+            base, pin = fastpath.address_of(whole)
+            self.pins.append((whole, pin))
+            view, at, snap = memoryview(whole), 0, len(whole)
+        dgram = parse(view[at : at + snap], snap)
         if dgram.__class__ is str:
             self.drops[dgram] += 1
             return
@@ -212,11 +230,65 @@ class Worker:
         if rule is None:
             self.drops["unmatched"] += 1
             return
+        partial = bool(status & TP_STATUS_CSUMNOTREADY)
+        if gso_type == fastpath.VIRTIO_NET_HDR_GSO_UDP_L4 and 0 < gso_size < dgram.end - dgram.start:
+            # an aggregate of datagrams of gso_size bytes (the last shorter)
+            starts = range(dgram.start, dgram.end, gso_size)
+            self.received += len(starts) - 1  # counted as the datagrams they are
+            if not rule.slow:  # nothing to look at per datagram: all of them at once
+                if not rule.addrs:
+                    touched.append(rule)
+                rule.addrs.extend(range(base + at + dgram.start, base + at + dgram.end, gso_size))
+                rule.lens.extend([gso_size] * (len(starts) - 1))
+                rule.lens.append(dgram.end - starts[-1])
+                rule.toses.extend([dgram.tos] * len(starts))
+                return
+            for first in starts:
+                self.take(
+                    rule,
+                    view,
+                    base,
+                    at,
+                    dgram._replace(start=first, end=min(first + gso_size, dgram.end)),
+                    True,
+                    touched,
+                )
+        else:
+            self.take(rule, view, base, at, dgram, partial, touched)
+
+    def copied(self, head: memoryview, link: int) -> bytearray | None:
+        """The whole IP packet of a frame the ring holds cut short, from the
+        socket's queue, where the kernel put a copy: copies queue in frame
+        order, so the first whose headers are the frame's is this one's (any
+        before it are a predecessor's, left when it died)."""
+        sock = self.packet_sock
+        assert sock is not None
+        skip = fastpath.VNET_SIZE + link
+        while True:
+            try:
+                data = sock.recv(fastpath.COPY_MAX)
+            except OSError:
+                return None
+            if data[skip : skip + len(head)] == head:
+                return bytearray(data[skip:])
+
+    def take(
+        self,
+        rule: Rule,
+        view: memoryview,
+        base: int,
+        at: int,
+        dgram: Datagram,
+        partial: bool,
+        touched: list[Rule],
+    ) -> None:
+        """Queue one datagram for its rule: its IP header is at `at` of
+        `view`, whose first byte is at address `base`."""
         size = dgram.end - dgram.start
         if rule.guard and (
             dgram.source in self.local
             or self.recent.again(
-                rule.fingerprint(dgram.source, ring.view[at + dgram.start : at + dgram.end]), monotonic()
+                rule.fingerprint(dgram.source, view[at + dgram.start : at + dgram.end]), monotonic()
             )
         ):
             rule.looped += 1  # this host sent it, or another relay reflected it back
@@ -231,23 +303,23 @@ class Worker:
             rule.octets -= size
         if not rule.addrs:
             touched.append(rule)
-        rule.addrs.append(ring.base + at + dgram.start)
+        rule.addrs.append(base + at + dgram.start)
         rule.lens.append(size)
         rule.toses.append(dgram.tos)
         if rule.raw:
-            self.hold(rule, ring, pos, at, dgram)
+            self.hold(rule, view, base, at, dgram, partial)
 
-    def hold(self, rule: Rule, ring: fastpath.Ring, pos: int, at: int, dgram: Datagram) -> None:
+    def hold(self, rule: Rule, view: memoryview, base: int, at: int, dgram: Datagram, partial: bool) -> None:
         """Keep a datagram for the rule's faithful outputs, with what its
         checksum must be computed afresh from, if anything: a payload the
         relay rewrote, or one whose checksum the sender left to offload
-        (a partial one, as from a local sender over veth)."""
-        address, pin, fresh = ring.base + at + dgram.start, None, None
+        (a partial one, as from a local sender over veth, or a segment of
+        an aggregate)."""
+        address, pin, fresh = base + at + dgram.start, None, None
         if rule.decrements and dgram.ttl <= 1:
             rule.expired += 1  # not relayed where outputs decrement the TTL
-        partial = _TP_STATUS.unpack_from(ring.map, pos)[0] & TP_STATUS_CSUMNOTREADY
         if partial or rule.rewrite is not None:
-            payload: bytes | memoryview = ring.view[at + dgram.start : at + dgram.end]
+            payload: bytes | memoryview = view[at + dgram.start : at + dgram.end]
             changed = mdns_multicast_query(bytes(payload)) if rule.rewrite == "mdns" else None
             if changed is not None:
                 buffer = bytearray(changed)
@@ -415,7 +487,6 @@ class Worker:
 _NO_GSO = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 _QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
 #: tpacket2_hdr.tp_status: the checksum is left to offload (only partly computed)
-_TP_STATUS = struct.Struct("=I")
 TP_STATUS_CSUMNOTREADY = 0x8
 
 

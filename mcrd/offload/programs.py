@@ -72,6 +72,8 @@ PACKET_MULTICAST = 2  # host, broadcast, multicast: the frames a host takes
 SKB_VLAN_PRESENT = 20
 SKB_DATA = 76
 SKB_DATA_END = 80
+SKB_GSO_SEGS = 164  # datagrams in an aggregate (0 or 1: a single one)
+SKB_GSO_SIZE = 176  # payload bytes of each of them
 
 TC_ACT_UNSPEC = -1
 TC_ACT_SHOT = 2
@@ -231,14 +233,31 @@ def rule_program(rule: KernelRule, counters_fd: int) -> list[Insn]:
     datagrams of its group, port (and source): for each output, rewrite,
     fix the checksums, count (into slot 0 of `counters_fd`) and send. A
     datagram longer than the smallest output MTU goes on to the stack, and
-    from there to the worker, which fragments it."""
+    from there to the worker, which fragments it.
+
+    An aggregate of datagrams (UDP GSO from a sender on this host or a veth
+    peer, GRO) is relayed as one, with every datagram's headers rewritten
+    alike: the output cuts it into its datagrams as it leaves (in software,
+    or its NIC), each with its own length and checksum. It is counted as
+    the datagrams it holds, and goes to the stack only if one of them, not
+    the whole, is longer than the MTU."""
     a = EbpfAsm()
     ctx, saddr, ttlword, slot = 6, 7, 8, 9  # kept across helper calls
     a.mov_reg(ctx, 1)
     _headers(a, ctx, "pass")
     a.load(H, 5, 2, IP_LEN)
     a.emit(ALU | END | TO_BE, 5, imm=16)
+    a.load(W, 1, ctx, SKB_GSO_SEGS)
+    a.jump(JMP, JGT, 1, 1, "aggregate")
     a.jump(JMP, JGT, 5, rule.mtu, "pass")
+    a.mov(1, 1)  # one datagram
+    a.goto("sized")
+    a.label("aggregate")
+    a.load(W, 3, ctx, SKB_GSO_SIZE)  # each datagram's payload
+    a.alu(ADD, 3, UDP_HEADERS)
+    a.jump(JMP, JGT, 3, rule.mtu, "pass")
+    a.label("sized")
+    a.store(DW, 10, -24, 1)  # datagrams, kept on the stack across the helper calls
     a.load(W, saddr, 2, IP_SRC)
     a.load(H, ttlword, 2, IP_TTL)
     # payload bytes, kept on the stack across the helper calls
@@ -314,7 +333,8 @@ def rule_program(rule: KernelRule, counters_fd: int) -> list[Insn]:
 
 def _count(a: EbpfAsm, slot: int, off: int) -> None:
     a.load(DW, 1, slot, off)
-    a.alu(ADD, 1, 1)
+    a.load(DW, 2, 10, -24)
+    a.alu_reg(ADD, 1, 2)
     a.store(DW, slot, off, 1)
     a.load(DW, 1, slot, off + 8)
     a.load(DW, 2, 10, -16)
