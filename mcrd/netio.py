@@ -28,6 +28,9 @@ SO_RCVBUFFORCE = 33
 MCAST_JOIN_GROUP = 42
 MCAST_JOIN_SOURCE_GROUP = 46
 IP_FREEBIND = 15
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT = 0  # never set DF: fragment what is larger than the MTU
+IP_PMTUDISC_WANT = 1  # set DF on what fits the MTU, fragment what does not
 
 PACKET_RX_RING = 5
 PACKET_COPY_THRESH = 7
@@ -249,6 +252,36 @@ def open_output_socket(interface: str | None, ttl: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
         _output_options(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_port_socket(
+    interface: str | None, ttl: int, source: str | None, port: int, dont_fragment: bool
+) -> socket.socket:
+    """A UDP socket like `open_output_socket`'s, bound to `port` (on `source`,
+    or any address): for an output that keeps each sender's source port.
+    Workers open these themselves, as the ports they need show up in the
+    traffic, with no privilege: a port below 1024, or one another socket
+    on this host holds without sharing it, fails (OSError).
+
+    The don't-fragment flag is the socket's, for datagrams that came with it
+    or without: set on what fits the output's MTU (a larger datagram is
+    fragmented, its fragments without it, rather than lost), or never."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        attach_filter(sock, drop_all_filter())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the other workers of the input
+        _send_via(sock, interface)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        mode = IP_PMTUDISC_WANT if dont_fragment else IP_PMTUDISC_DONT
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, mode)
+        _output_options(sock)
+        sock.bind((source or "0.0.0.0", port))
     except BaseException:
         sock.close()
         raise

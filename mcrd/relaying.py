@@ -29,6 +29,9 @@ class Output:
         "generation",
         "gso_limit",
         "ident",
+        "interface",
+        "keep_port",
+        "kept",
         "label",
         "last_error",
         "name",
@@ -37,6 +40,7 @@ class Output:
         "raw",
         "sock",
         "source",
+        "source_text",
         "sport",
         "ttl",
     )
@@ -54,8 +58,15 @@ class Output:
         self.dst = ip_to_int(config.group)
         self.dport = config.port
         self.source = ip_to_int(config.source) if config.source else None  # None: the sender's
+        self.source_text = config.source
         self.sport = config.source_port  # None: the sender's
         self.dscp = config.dscp  # None: each datagram's own
+        # sending from each sender's port: the socket bound to it, by the key
+        # the worker gives a datagram (its port and DF flag, see
+        # Worker.port_socket); None where it could not be opened
+        self.keep_port = config.keep_port
+        self.interface = config.interface
+        self.kept: dict[int, socket.socket | None] = {}
         # the checksum change from the rule's input (`group`, `port`) to this
         # output's destination: the same for every datagram
         self.delta = words(self.dst) + negated(group) + self.dport + (~port & 0xFFFF)
@@ -73,6 +84,20 @@ class Output:
         self.errors, self.last_error = prev.errors, prev.last_error
         if prev.generation == self.generation:  # the same socket: the same limits
             self.gso_limit = prev.gso_limit
+            if (self.keep_port, self.interface, self.ttl, self.source) == (
+                prev.keep_port,
+                prev.interface,
+                prev.ttl,
+                prev.source,
+            ):
+                self.kept, prev.kept = prev.kept, {}
+
+    def close(self) -> None:
+        """Close the sockets this output bound to senders' ports."""
+        for sock in self.kept.values():
+            if sock is not None:
+                sock.close()
+        self.kept.clear()
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -118,6 +143,21 @@ class Policer:
         return True
 
 
+#: DF as a 16-bit read in native byte order of the IP flags/fragment field has it
+DF_NATIVE = fastpath.SWAPPED16[0x4000]
+
+
+def port_key(native_sport: int, native_frag: int) -> int:
+    """What sockets a datagram is sent from where an output keeps the
+    sender's port: its source port and DF flag, as read in native byte order."""
+    return native_sport << 16 | native_frag & DF_NATIVE
+
+
+def key_port(key: int) -> tuple[int, bool]:
+    """The source port and DF flag a `port_key` stands for."""
+    return fastpath.SWAPPED16[key >> 16], bool(key & 0xFFFF)
+
+
 class Rule:
     """One rule as the worker relays it: its outputs, policer and counts."""
 
@@ -129,6 +169,7 @@ class Rule:
         "guard",
         "held",
         "ident",
+        "keeps",
         "lens",
         "limited",
         "looped",
@@ -172,6 +213,9 @@ class Rule:
         self.addrs: list[int] = []
         self.lens: list[int] = []
         self.toses: list[int] = []  # their TOS bytes (DSCP and ECN), kept on the way out
+        # their source ports and DF flags, as `port_key` makes them, where an
+        # output sends from each sender's port (else not collected)
+        self.keeps: list[int] = []
         # and for faithful outputs: (payload address, size, the datagram, the
         # payload's sum when its checksum is computed afresh or None, a
         # rewritten payload's pin or None)

@@ -18,8 +18,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from mcrd.loops import check_cycles
 
-#: `source_port = "keep"`: a relayed datagram leaves from the sender's UDP source port
+#: `source_port = "keep"` (the default): a relayed datagram leaves from the
+#: sender's UDP source port, as through a router
 KEEP = "keep"
+#: `source_port = "ephemeral"`: from the output socket's own port (one the
+#: kernel picked), whatever the sender's
+EPHEMERAL = "ephemeral"
 
 IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 
@@ -81,11 +85,11 @@ def check_port(value: int) -> int:
 
 
 def check_source_port(value: object) -> int | str:
-    if value == KEEP and isinstance(value, str):
-        return KEEP
+    if value in (KEEP, EPHEMERAL) and isinstance(value, str):
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         return check_port(value)
-    raise ValueError(f'must be "keep" or a port number from 1 to 65535, got {value!r}')
+    raise ValueError(f'must be "keep", "ephemeral" or a port number from 1 to 65535, got {value!r}')
 
 
 #: `ttl = "decrement"`: each datagram leaves with the TTL it came with, less
@@ -173,8 +177,8 @@ class OutputSpec(_Strict):
     interface: IfName | None = None
     #: 1-255, or "decrement": the received TTL less one
     ttl: Annotated[int | str, PlainValidator(check_output_ttl)] | None = None
-    #: "keep": the sender's source port; a number: that port; unset: the
-    #: discovery protocol's need (kept for mDNS and SSDP), else the socket's own
+    #: "keep" (the default): the sender's source port; a number: that port;
+    #: "ephemeral": the output socket's own
     source_port: Annotated[int | str, PlainValidator(check_source_port)] | None = None
     #: "interface": the relay's address on the output interface; "sender":
     #: the original sender's (the relayed datagram is sent as if from it);
@@ -226,16 +230,25 @@ class Destination:
     ttl: int  # 0: the received TTL less one (ttl = "decrement")
     #: the UDP source port: KEEP (the sender's), a number, or None (the
     #: output socket's own)
-    source_port: int | str | None = None
+    source_port: int | str | None = KEEP
     #: send as if from the original sender's address
     keep_source: bool = False
     dscp: int | None = None  # None: each datagram's own
+    #: a discovery protocol's output: headers (and for mDNS the payload)
+    #: built per datagram
+    discovery: bool = False
 
     @property
     def faithful(self) -> bool:
         """Whether each datagram's headers are built from the received one
         (sent through a raw socket), not left to a UDP socket."""
-        return self.source_port is not None or self.keep_source or self.ttl == 0
+        return self.discovery or isinstance(self.source_port, int) or self.keep_source or self.ttl == 0
+
+    @property
+    def keeps_port(self) -> bool:
+        """A UDP output sending each datagram from the sender's port (through
+        sockets the worker binds to it)."""
+        return self.source_port == KEEP and not self.faithful
 
     @property
     def broadcast(self) -> bool:
@@ -244,7 +257,9 @@ class Destination:
     def __str__(self) -> str:
         via = f" on {self.interface}" if self.interface else ""
         extra = ""
-        if self.source_port is not None:
+        if self.source_port is None:
+            extra += f" source port {EPHEMERAL}"
+        elif self.source_port != KEEP:
             extra += f" source port {self.source_port}"
         if self.keep_source:
             extra += " from the sender"
@@ -283,8 +298,10 @@ class RuleSpec(_Strict):
             multicast = is_multicast(out.group)
             default_ttl = DEFAULT_MULTICAST_TTL if multicast else DEFAULT_UNICAST_TTL
             source_port: int | str | None = out.source_port
-            if source_port is None and known is not None and known.keep_port:
-                source_port = KEEP
+            if source_port is None:
+                source_port = KEEP if known is None or known.keep_port else None
+            elif source_port == EPHEMERAL:
+                source_port = None
             address = out.source_address
             if address is None:
                 address = "sender" if known is not None and known.keep_address else "interface"
@@ -297,6 +314,7 @@ class RuleSpec(_Strict):
                     source_port=source_port,
                     keep_source=address == "sender",
                     dscp=out.dscp,
+                    discovery=known is not None,
                 )
             )
         return result

@@ -56,10 +56,16 @@ class OutputConfig:
     #: a faithful output: the worker builds each datagram's IP and UDP headers
     #: from the received one and sends them through a raw socket
     raw: bool = False
-    ttl: int = 0  # raw only: the TTL to send with
-    source: str | None = None  # raw only: the address to send from; None: the sender's
+    ttl: int = 0  # raw and keep_port only: the TTL to send with
+    #: raw: the address to send from (None: the sender's); keep_port: the
+    #: address to bind to (None: any)
+    source: str | None = None
     source_port: int | None = None  # raw only: the port to send from; None: the sender's
     dscp: int | None = None  # the DSCP to send with; None: each datagram's own
+    #: a UDP output that sends each datagram from the sender's source port,
+    #: through sockets the worker binds to it, on `interface`
+    keep_port: bool = False
+    interface: str | None = None
 
     def message(self) -> dict[str, Any]:
         return {
@@ -74,6 +80,8 @@ class OutputConfig:
             "source": self.source,
             "source_port": self.source_port,
             "dscp": self.dscp,
+            "keep_port": self.keep_port,
+            "interface": self.interface,
         }
 
     @classmethod
@@ -90,6 +98,8 @@ class OutputConfig:
             o["source"],
             o["source_port"],
             o["dscp"],
+            o["keep_port"],
+            o["interface"],
         )
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -26,20 +25,15 @@ from mcrd import fastpath, wire
 from mcrd.netio import packet_statistics
 from mcrd.packet import (
     DROP_REASONS,
-    HEADER,
-    IP_DF,
     Datagram,
-    adjust_checksum,
-    finish_checksum,
     ip_to_int,
     mdns_multicast_query,
-    negated,
     parse,
     payload_sum,
-    words,
 )
 from mcrd.privdrop import drop_privileges
-from mcrd.relaying import Recent, Rule, carried_rule, tables
+from mcrd.relaying import DF_NATIVE, Recent, Rule, carried_rule, port_key, tables
+from mcrd.transmit import Transmitter
 from mcrd.wire import Configure
 
 log = logging.getLogger("mcrd.worker")
@@ -50,7 +44,7 @@ class Worker:
         self.chan = chan
         self.packet_sock: socket.socket | None = None
         self.ring: fastpath.Ring | None = None
-        self.sender: fastpath.Sender | None = None
+        self.tx: Transmitter | None = None
         self.owned: list[socket.socket] = []
         self.rules: list[Rule] = []
         # (group << 16 | port) -> the rule, or {source or None: rule} where
@@ -63,7 +57,6 @@ class Worker:
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self.received = 0
         self.running = True
-        self.raw_sender: fastpath.RawSender | None = None
         self.incoming = wire.Reassembly()
         # the loop guard: this host's addresses, and what it relayed lately
         self.local: frozenset[int] = frozenset()
@@ -84,12 +77,14 @@ class Worker:
             if self.ring is not None:
                 self.ring.close()
             self.ring = mapped
-            self.sender = fastpath.Sender(fastpath.BATCH)
-            self.raw_sender = fastpath.RawSender(fastpath.BATCH)
+            self.tx = Transmitter(fastpath.BATCH)
         self.local = frozenset(ip_to_int(a) for a in config.local_addresses)
         self.busy_poll = config.busy_poll / 1e6
         old = {r.ident: r for r in self.rules}
         rules = [carried_rule(spec, socks, old.get(spec.rule)) for spec in config.rules]
+        for gone in old.values():  # what the new outputs did not take over
+            for out in gone.outputs:
+                out.close()
         self.table, self.fast = tables(config.rules, rules)
         self.rules = rules
         for sock in self.owned:  # new descriptors for the same sockets arrived
@@ -167,10 +162,13 @@ class Worker:
         touched: list[Rule] = []
         cur: Rule | None = None
         nowhere: list[int] = []
-        add_addr = add_len = add_tos = nowhere.append  # rebound to the current rule's lists
+        add_addr = add_len = add_tos = add_key = nowhere.append  # rebound to the current rule's lists
         slow = self.slow_frame
+        df = DF_NATIVE
         for _ in range(count):
-            snap, fmac, fnet, gso, vihl, tos, total, frag, proto, _src, dst, dport, ulen = unpack(m, pos)
+            snap, fmac, fnet, gso, vihl, tos, total, frag, proto, _src, dst, sport, dport, ulen = unpack(
+                m, pos
+            )
             if (
                 fnet == net
                 and fmac == mac
@@ -189,16 +187,20 @@ class Worker:
                         if not rule.addrs:
                             touched.append(rule)
                         add_addr, add_len, add_tos = rule.addrs.append, rule.lens.append, rule.toses.append
+                        add_key = rule.keeps.append
                     add_addr(payload_at + pos)
                     add_len(snap - 28)
                     add_tos(tos)
+                    add_key(sport << 16 | frag & df)  # relaying.port_key, inline
                     pos += step
                     continue
             slow(ring, pos, touched)
             pos += step
         self.received += count
+        tx = self.tx
+        assert tx is not None
         for rule in touched:
-            self.send(rule)
+            tx.send(rule)
         self.pins.clear()
 
     def slow_frame(self, ring: fastpath.Ring, pos: int, touched: list[Rule]) -> None:
@@ -242,6 +244,7 @@ class Worker:
                 rule.lens.extend([gso_size] * (len(starts) - 1))
                 rule.lens.append(dgram.end - starts[-1])
                 rule.toses.extend([dgram.tos] * len(starts))
+                rule.keeps.extend([wire_key(dgram)] * len(starts))
                 return
             for first in starts:
                 self.take(
@@ -306,6 +309,7 @@ class Worker:
         rule.addrs.append(base + at + dgram.start)
         rule.lens.append(size)
         rule.toses.append(dgram.tos)
+        rule.keeps.append(wire_key(dgram))
         if rule.raw:
             self.hold(rule, view, base, at, dgram, partial)
 
@@ -330,110 +334,6 @@ class Worker:
             if partial or (changed is not None and dgram.checksum):
                 fresh = payload_sum(payload)
         rule.held.append((address, dgram.end - dgram.start, dgram, fresh, pin))
-
-    def send_raw(self, rule: Rule) -> None:
-        """Send the held datagrams to each faithful output: headers built from
-        the received ones (DSCP and ECN, DF and, unless the output sets them,
-        the source port and address kept; TTL and destination the output's),
-        the UDP checksum updated for what changed."""
-        sender = self.raw_sender
-        assert sender is not None
-        held = rule.held
-        headers, pack = sender.headers, HEADER.pack_into
-        for out in rule.raw:
-            # ttl 0: the received one less one; what came with 1 does not go
-            items = held if out.ttl else [h for h in held if h[2].ttl > 1]
-            for i, (address, size, d, fresh, _pin) in enumerate(items):
-                src = d.source if out.source is None else out.source
-                sport = d.sport if out.sport is None else out.sport
-                if fresh is not None:
-                    csum = finish_checksum(fresh, src, out.dst, sport, out.dport, 8 + size)
-                else:
-                    delta = out.delta
-                    if src != d.source:
-                        delta += words(src) + negated(d.source)
-                    if sport != d.sport:
-                        delta += sport + (~d.sport & 0xFFFF)
-                    csum = adjust_checksum(d.checksum, delta)
-                frag = IP_DF if d.dont_fragment else 0
-                pack(
-                    headers,
-                    28 * i,
-                    0x45,
-                    d.tos if out.dscp is None else out.dscp << 2 | d.tos & 3,
-                    28 + size,
-                    0,
-                    frag,
-                    out.ttl or d.ttl - 1,
-                    17,
-                    0,
-                    src,
-                    out.dst,
-                    sport,
-                    out.dport,
-                    8 + size,
-                    csum,
-                )
-                sender.load(i, address, size)
-            k = 0
-            while k < len(items):
-                sent, err = sender.send(out.fd, out.name[0], k, len(items) - k)
-                for j in range(k, k + sent):
-                    out.packets += 1
-                    out.octets += items[j][1]
-                k += sent
-                if err:
-                    failed = len(items) - k if err in _QUEUE_FULL else 1
-                    out.errors += failed
-                    out.last_error = fastpath.errno_name(err)
-                    k += failed
-        held.clear()
-
-    def send(self, rule: Rule) -> None:
-        sender = self.sender
-        assert sender is not None
-        addrs, lens = rule.addrs, rule.lens
-        total_packets, total_octets = len(lens), sum(lens)
-        rule.packets += total_packets
-        rule.octets += total_octets
-        if rule.raw:
-            self.send_raw(rule)
-        sender.load(addrs, lens, rule.toses)
-        for out in rule.udp:
-            plan = sender.plan(out.gso_limit)
-            k = 0
-            while k < len(plan):
-                sent, err = sender.send(out.fd, out.name[0], plan, k, out.dscp)
-                if sent:
-                    first = plan[k][0]
-                    k += sent
-                    end = plan[k][0] if k < len(plan) else len(lens)
-                    out.packets += end - first
-                    out.octets += sum(lens[first:end]) if end - first < total_packets else total_octets
-                if not err:
-                    continue
-                first, segments, gso = plan[k]
-                if gso and err in _NO_GSO:
-                    # this output cannot send runs this large (MTU) or at all
-                    out.gso_limit = gso - 1 if err in (errno.EINVAL, errno.EMSGSIZE) else 0
-                    log.info(
-                        "output %s: UDP GSO %s (%s); sending datagrams one by one",
-                        out.label,
-                        f"limited to {out.gso_limit} bytes" if out.gso_limit else "unavailable",
-                        fastpath.errno_name(err),
-                    )
-                    plan = plan[:k] + [(i, 1, 0) for i in range(first, first + segments)] + plan[k + 1 :]
-                    continue
-                if err in _QUEUE_FULL:  # the rest would fail alike
-                    segments = len(lens) - first
-                    k = len(plan)
-                else:
-                    k += 1
-                out.errors += segments
-                out.last_error = fastpath.errno_name(err)
-        addrs.clear()
-        lens.clear()
-        rule.toses.clear()
 
     def run(self) -> None:
         poller = select.poll()
@@ -482,12 +382,13 @@ class Worker:
                     return
 
 
-#: a GSO message refused: too large for the path (EMSGSIZE, EINVAL on older
-#: kernels), or no checksum offload or GSO on the interface at all
-_NO_GSO = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
-_QUEUE_FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
 #: tpacket2_hdr.tp_status: the checksum is left to offload (only partly computed)
 TP_STATUS_CSUMNOTREADY = 0x8
+
+
+def wire_key(dgram: Datagram) -> int:
+    """A parsed datagram's `port_key`."""
+    return port_key(fastpath.SWAPPED16[dgram.sport], DF_NATIVE if dgram.dont_fragment else 0)
 
 
 def _readable(sock: socket.socket) -> bool:

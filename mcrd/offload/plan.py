@@ -170,6 +170,8 @@ def _why_not(
             return f"output {dest} keeps the sender's address, which user space does"
         if isinstance(dest.source_port, int):
             return f"output {dest} sets the source port, which user space does"
+        if dest.source_port is None:
+            return f"output {dest} sends from an ephemeral port, which user space does"
         if dest.dscp is not None:
             return f"output {dest} sets DSCP, which user space does"
         if dest.ttl == 0:

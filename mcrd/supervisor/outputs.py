@@ -78,7 +78,9 @@ class OutputPool:
         return self.sockets.get(OutputKey.of(dest))
 
     def source(self, dest: Destination) -> str | None:
-        """The address a faithful output sends from; None: the sender's (or none found)."""
+        """The address a faithful output sends from, or the one an output
+        keeping the sender's port binds its sockets to; None: the sender's
+        (or none found)."""
         return self.sources.get(dest)
 
     def open(self, destinations: Iterable[Destination], link: Callable[[str], Link | None]) -> None:
@@ -89,7 +91,7 @@ class OutputPool:
         self.sources = {
             d: self.net.source_address(d.interface, d.group)
             for d in destinations
-            if d.faithful and not d.keep_source
+            if (d.faithful and not d.keep_source) or d.keeps_port
         }
         for key in dict.fromkeys(OutputKey.of(d) for d in destinations):
             current = self.sockets.get(key)

@@ -285,10 +285,12 @@ class Workers:
                         out.generation,
                         str(dest),
                         raw=dest.faithful,
-                        ttl=dest.ttl if dest.faithful else 0,
+                        ttl=dest.ttl if dest.faithful or dest.keeps_port else 0,
                         source=source,
                         source_port=dest.source_port if isinstance(dest.source_port, int) else None,
                         dscp=dest.dscp,
+                        keep_port=dest.keeps_port,
+                        interface=dest.interface,
                     )
                 )
             limit = spec.rate_limit

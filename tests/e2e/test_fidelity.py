@@ -124,3 +124,43 @@ def test_an_output_sets_dscp_and_keeps_ecn(
         marked(net.src, tos).sendto(b"%02d" % n, ("239.1.1.1", 5000))
     got = {int(payload): tos for payload, tos in far.take(4)}
     assert got == {0: 34 << 2 | 1, 1: 34 << 2, 2: 34 << 2 | 3, 3: 34 << 2}
+
+
+def test_each_senders_port_is_kept_and_one_that_cannot_be_is_reported(
+    net: Net, tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    # The default, in user space: each datagram leaves from its sender's
+    # port, through sockets the worker binds to it. Port 999 needs a
+    # privilege workers lack, and 4446 is held by another program on the
+    # relay host: those leave from the output socket's own port, and mcrd
+    # says so.
+    with inside(net.relay):
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("198.51.100.1", 4446))
+    daemon = start_mcrd(net, tmp_path, daemons, rule("off"))
+    far = Capture(net.dst1, "eth0")
+    with inside(net.src):
+        senders = {port: socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for port in (4444, 4445, 999, 4446)}
+    for port, sock in senders.items():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+        sock.bind(("192.0.2.10", port))
+    for n in range(12):  # interleaved: batches that mix senders
+        port = (4444, 4445)[n % 2]
+        senders[port].sendto(b"%d-%02d" % (port, n), ("239.1.1.1", 5000))
+    got = far.wait_for(6000, count=12)
+    assert sorted((w.payload, w.sport) for w in got) == sorted(
+        (b"%d-%02d" % ((4444, 4445)[n % 2], n), (4444, 4445)[n % 2]) for n in range(12)
+    )
+    for port in (999, 4446):
+        senders[port].sendto(b"from %d" % port, ("239.1.1.1", 5000))
+        (wire,) = far.wait_for(6000, b"from %d" % port)
+        assert wire.sport not in (port, 4444, 4445)  # the output socket's own
+    wait_until(
+        lambda: "source port 4446" in daemon.rule_stats("camera")["outputs"][0]["last_error"], what="reported"
+    )
+    log = daemon.log.read_text()
+    assert "cannot send from the sender's port 999 (Permission denied); sending from its own port" in log
+    assert "cannot send from the sender's port 4446 (Address already in use)" in log
+    squatter.close()
+    for sock in senders.values():
+        sock.close()

@@ -170,8 +170,8 @@ CATALOGUE: list[tuple[str, str | bytes, list[str]]] = [
         "output-source-port",
         rule(outputs='{ interface = "eth1", group = "239.2.2.2", source_port = "sender" }'),
         [
-            'bad.toml:3: rule 1: outputs[0].source_port: must be "keep" or a port number from 1 to 65535, '
-            "got 'sender'",
+            'bad.toml:3: rule 1: outputs[0].source_port: must be "keep", "ephemeral" '
+            "or a port number from 1 to 65535, got 'sender'",
         ],
     ),
     (

@@ -176,3 +176,19 @@ def test_a_catch_all_stays_in_user_space_while_a_source_rule_of_its_group_does()
     modes[other_port.key] = "auto"
     p = plan_offload([anyone, limited, other_port], modes, IFACES, egress(anyone, limited, other_port))
     assert p.decisions[other_port.key].kernel
+
+
+def test_an_output_from_an_ephemeral_port_stays_in_user_space() -> None:
+    # the kernel path keeps the sender's port: it cannot do otherwise, so the
+    # rule stays where what leaves is what the output asks for
+    ephemeral = spec(outputs=[{"interface": "out0", "group": "239.2.2.2", "source_port": "ephemeral"}])
+    kept = spec(
+        input={"interface": "in0", "group": "239.1.1.2", "port": 5000},
+        outputs=[{"interface": "out0", "group": "239.2.2.2", "source_port": "keep"}],
+    )
+    p = plan_offload([ephemeral, kept], auto(ephemeral, kept), IFACES, egress(ephemeral, kept))
+    assert p.decisions[ephemeral.key].reason == (
+        "output 239.2.2.2:5000 on out0 ttl 1 source port ephemeral sends from an ephemeral port, "
+        "which user space does"
+    )
+    assert p.decisions[kept.key].reason == ""

@@ -95,6 +95,28 @@ def test_destinations_follow_the_discovery_protocol_of_the_input() -> None:
     assert not plain[0].destinations()[0].faithful
 
 
+@pytest.mark.parametrize(
+    ("setting", "port", "keeps_port", "faithful"),
+    [
+        ("", "keep", True, False),  # the default: the sender's port, through UDP sockets
+        (', source_port = "keep"', "keep", True, False),
+        (', source_port = "ephemeral"', None, False, False),  # the output socket's own
+        (", source_port = 7000", 7000, False, True),  # headers built per datagram
+        (', source_port = "keep", ttl = "decrement"', "keep", False, True),
+    ],
+)
+def test_an_output_keeps_the_senders_port_unless_told_otherwise(
+    setting: str, port: object, keeps_port: bool, faithful: bool
+) -> None:
+    (rule,) = rules(
+        '[[rule]]\ninput = { interface = "a", group = "239.0.0.1", port = 1 }\n'
+        f'outputs = [ {{ interface = "b", group = "239.0.0.2"{setting} }} ]\n'
+    )
+    (dest,) = rule.destinations()
+    assert (dest.source_port, dest.keeps_port, dest.faithful) == (port, keeps_port, faithful)
+    assert ("source port ephemeral" in str(dest)) == (port is None)
+
+
 REFLECT = """
 [[reflect]]
 name = "mdns"
