@@ -22,20 +22,24 @@ class LaunchError(RuntimeError):
     """mcrd exited, or did not become ready in time."""
 
 
-def mcrctl(sock: Path, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    """Run mcrctl of this checkout's mcrd on control socket `sock`."""
+def mcrctl(
+    sock: Path, *args: str, timeout: float = 20.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run mcrctl of this checkout's mcrd (or, with `env` naming another
+    PYTHONPATH, that one's) on control socket `sock`."""
     return subprocess.run(
-        [sys.executable, "-m", "mcrd.ctl", "--socket", str(sock), *args],
+        [sys.executable, "-P", "-m", "mcrd.ctl", "--socket", str(sock), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
 
 
-def mcrctl_json(sock: Path, *args: str) -> Any:
+def mcrctl_json(sock: Path, *args: str, env: dict[str, str] | None = None) -> Any:
     """mcrctl's JSON answer; LaunchError if it failed."""
-    proc = mcrctl(sock, "--json", *args)
+    proc = mcrctl(sock, "--json", *args, env=env)
     if proc.returncode != 0:
         raise LaunchError(f"mcrctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return json.loads(proc.stdout)
@@ -78,7 +82,9 @@ class McrdProcess:
 
     def argv(self, *extra: str) -> list[str]:
         argv = ["ip", "netns", "exec", self.ns, *(["taskset", "-c", self.cpu] if self.cpu else [])]
-        argv += [sys.executable, "-m", "mcrd.daemon", "--config", str(self.config)]
+        # -P: the package comes from the environment (the virtualenv, or a
+        # PYTHONPATH naming another one), never from the current directory
+        argv += [sys.executable, "-P", "-m", "mcrd.daemon", "--config", str(self.config)]
         argv += ["--control-socket", str(self.socket)]
         if self.quiet:
             argv += ["--log-level", "warning", "--no-watch"]
@@ -104,11 +110,11 @@ class McrdProcess:
         if self.proc is not None and self.proc.poll() is not None:
             log = f":\n{self.log.read_text()}" if self.log is not None and self.log.exists() else ""
             raise LaunchError(f"mcrd exited with status {self.proc.returncode}{log}")
-        return mcrctl(self.socket, "ping").returncode == 0
+        return mcrctl(self.socket, "ping", env=self.env).returncode == 0
 
     def all_active(self) -> bool:
         """Whether every rule mcrd lists is active (relaying)."""
-        return all(r["state"] == "active" for r in mcrctl_json(self.socket, "list")["rules"])
+        return all(r["state"] == "active" for r in mcrctl_json(self.socket, "list", env=self.env)["rules"])
 
     def wait_ready(self, *, all_active: bool = True, timeout: float = 15.0) -> None:
         """Wait until mcrd answers and, if `all_active`, relays every rule."""

@@ -178,10 +178,10 @@ def open_packet_socket(
         sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
         # A frame larger than the ring's frames (an aggregate, a jumbo frame
         # beyond them) goes whole to the socket's queue as well, which may
-        # hold as much as the ring.
+        # hold four times as much as the ring: aggregates are large.
         sock.setsockopt(SOL_PACKET, PACKET_COPY_THRESH, 1)
         ring = ring or RingSpec()
-        force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, ring.size)
+        force_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, 4 * ring.size)
         _set_ring(sock, ring)
         sock.bind((interface, ETH_P_IP))
         if ifindex(interface) != index:

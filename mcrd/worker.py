@@ -156,6 +156,7 @@ class Worker:
         # where the link and IP headers start: the same for every frame of a socket
         _status, _length, _snap, mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(m, pos)
         step = ring.frame_size
+        link = net - mac  # the link header: in tp_snaplen, not in the IP length
         unpack = fastpath.frame_unpacker(mac, net)
         fast, swapped, fragmask = self.fast, fastpath.SWAPPED16, fastpath.FRAGMENT_MASK
         payload_at = ring.base + net + fastpath.HEADERS
@@ -169,6 +170,7 @@ class Worker:
             snap, fmac, fnet, gso, vihl, tos, total, frag, proto, _src, dst, sport, dport, ulen = unpack(
                 m, pos
             )
+            size = snap - link
             if (
                 fnet == net
                 and fmac == mac
@@ -176,9 +178,9 @@ class Worker:
                 and vihl == 0x45
                 and proto == 17
                 and not frag & fragmask
-                and 28 <= snap < 65536
-                and total == swapped[snap]
-                and ulen == swapped[snap - 20]
+                and 28 <= size < 65536
+                and total == swapped[size]
+                and ulen == swapped[size - 20]
             ):
                 rule = fast.get(dst << 16 | dport)
                 if rule is not None:
@@ -189,7 +191,7 @@ class Worker:
                         add_addr, add_len, add_tos = rule.addrs.append, rule.lens.append, rule.toses.append
                         add_key = rule.keeps.append
                     add_addr(payload_at + pos)
-                    add_len(snap - 28)
+                    add_len(size - 28)
                     add_tos(tos)
                     add_key(sport << 16 | frag & df)  # relaying.port_key, inline
                     pos += step
@@ -208,15 +210,20 @@ class Worker:
         its datagrams if it is an aggregate (UDP GSO or GRO), matched by
         source, policed, or counted as a drop. A frame larger than the
         ring's frames arrives whole in the socket's queue (TP_STATUS_COPY)."""
-        status, _length, snap, mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(ring.map, pos)
+        status, length, snap, mac, net, _sec, _nsec = fastpath.FRAME.unpack_from(ring.map, pos)
+        snap -= net - mac  # from the IP header on
         _flags, gso_type, _hdr_len, gso_size = fastpath.VNET.unpack_from(
             ring.map, pos + mac - fastpath.VNET_SIZE
         )
         view, base, at = ring.view, ring.base, pos + net
         if status & fastpath.TP_STATUS_COPY:
-            whole = self.copied(ring.view[at : at + min(snap, fastpath.HEADERS)], net - mac)
+            whole = self.copied(ring.view[at : at + snap], net - mac)
             if whole is None:  # the queue had no room for it: it came cut short
-                self.drops["truncated"] += 1
+                lost = 1
+                if gso_type == fastpath.VIRTIO_NET_HDR_GSO_UDP_L4 and gso_size:  # datagrams, not frames
+                    lost = max(1, -(-(length - (net - mac) - fastpath.HEADERS) // gso_size))
+                    self.received += lost - 1
+                self.drops["truncated"] += lost
                 return
             base, pin = fastpath.address_of(whole)
             self.pins.append((whole, pin))
@@ -260,20 +267,22 @@ class Worker:
             self.take(rule, view, base, at, dgram, partial, touched)
 
     def copied(self, head: memoryview, link: int) -> bytearray | None:
-        """The whole IP packet of a frame the ring holds cut short, from the
-        socket's queue, where the kernel put a copy: copies queue in frame
-        order, so the first whose headers are the frame's is this one's (any
-        before it are a predecessor's, left when it died)."""
+        """The whole IP packet of a frame the ring holds cut short (`head`:
+        what it holds of it), from the socket's queue, where the kernel put
+        a copy if the queue had room. Copies queue in frame order: the first
+        is this frame's if it begins as the frame does; if not, this frame
+        got none and the first belongs to a later one, so it stays."""
         sock = self.packet_sock
         assert sock is not None
         skip = fastpath.VNET_SIZE + link
-        while True:
-            try:
-                data = sock.recv(fastpath.COPY_MAX)
-            except OSError:
+        try:
+            first = sock.recv(skip + len(head), socket.MSG_PEEK)
+            if first[skip:] != head:
                 return None
-            if data[skip : skip + len(head)] == head:
-                return bytearray(data[skip:])
+            data = sock.recv(fastpath.COPY_MAX)
+        except OSError:
+            return None
+        return bytearray(data[skip:])
 
     def take(
         self,
