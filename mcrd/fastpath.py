@@ -67,13 +67,13 @@ def native_key(group: int, port: int) -> int:
 @functools.lru_cache(maxsize=8)
 def frame_unpacker(mac: int, net: int) -> Callable[[Any, int], tuple[int, ...]]:
     """unpack_from for a frame whose link header is at `mac` and IP header
-    at `net`: tp_snaplen, tp_mac, tp_net, the virtio header's GSO type (0:
+    at `net`: tp_snaplen, tp_net, the virtio header's GSO type (0:
     one datagram, not an aggregate), then version/IHL, TOS, total length,
     flags/fragment offset, protocol, source, destination, source port,
     destination port, UDP length, the IP/UDP fields in native byte order
     (compare them with SWAPPED16 values)."""
     gso_at = mac - VNET_SIZE + 1
-    return struct.Struct(f"=8xIHH{gso_at - 16}xB{net - gso_at - 1}xBBH2xHxB2xIIHHH").unpack_from
+    return struct.Struct(f"=8xI2xH{gso_at - 16}xB{net - gso_at - 1}xBBH2xHxB2xIIHHH").unpack_from
 
 
 SOL_UDP = 17

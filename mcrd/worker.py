@@ -128,20 +128,19 @@ class Worker:
 
     # -- data path ---------------------------------------------------------
 
-    def drain(self, scan: bool = False) -> bool:
-        """Relay the frames ready in the ring, a batch at most; True when
-        there were some."""
+    def drain(self, scan: bool = False) -> int:
+        """Relay the frames ready in the ring, a batch at most; how many
+        there were."""
         ring = self.ring
         if ring is None:
-            return False
+            return 0
         count = ring.ready()
         if not count and scan and ring.rescan():
             count = ring.ready()
-        if not count:
-            return False
-        self.relay_batch(ring, ring.current * ring.frame_size, count)
-        ring.release(count)
-        return True
+        if count:
+            self.relay_batch(ring, ring.current * ring.frame_size, count)
+            ring.release(count)
+        return count
 
     def relay_batch(self, ring: fastpath.Ring, pos: int, count: int) -> None:
         """Relay the `count` consecutive frames of the ring starting at `pos`.
@@ -167,13 +166,10 @@ class Worker:
         slow = self.slow_frame
         df = DF_NATIVE
         for _ in range(count):
-            snap, fmac, fnet, gso, vihl, tos, total, frag, proto, _src, dst, sport, dport, ulen = unpack(
-                m, pos
-            )
+            snap, fnet, gso, vihl, tos, total, frag, proto, _src, dst, sport, dport, ulen = unpack(m, pos)
             size = snap - link
             if (
-                fnet == net
-                and fmac == mac
+                fnet == net  # the same link header as the first frame of the batch
                 and not gso
                 and vihl == 0x45
                 and proto == 17
@@ -363,12 +359,23 @@ class Worker:
                 elif fd == registered and events & (select.POLLIN | select.POLLERR):
                     if not self.drain() and not self.drain(scan=True):
                         time.sleep(0.001)  # readable yet no frame of ours: do not spin
-                    while self.drain() and not _readable(self.chan):
-                        pass
+                    self.keep_draining()
                     if self.busy_poll:
                         self.spin()
                 if not self.running:
                     break
+
+    def keep_draining(self) -> None:
+        """Relay batches while there are frames; a message on the channel
+        ends it, looked at once a millisecond (not after every batch: each
+        look is a system call)."""
+        drain, chan = self.drain, self.chan
+        look = monotonic() + CHANNEL_LOOK
+        while drain():
+            if monotonic() > look:
+                if _readable(chan):
+                    return
+                look = monotonic() + CHANNEL_LOOK
 
     def spin(self) -> None:
         """Busy polling: keep reading the ring until `busy_poll` seconds pass
@@ -380,17 +387,22 @@ class Worker:
         drain, chan, span = self.drain, self.chan, self.busy_poll
         idle_until = monotonic() + span
         rounds = 0
+        look = monotonic() + CHANNEL_LOOK
         while True:
             if drain():
                 idle_until = monotonic() + span
-                if _readable(chan):
-                    return
+                if monotonic() > look:
+                    if _readable(chan):
+                        return
+                    look = monotonic() + CHANNEL_LOOK
             else:
                 rounds += 1
                 if rounds & 255 == 0 and (_readable(chan) or monotonic() > idle_until):
                     return
 
 
+#: seconds between looks at the channel while frames keep coming
+CHANNEL_LOOK = 0.001
 #: tpacket2_hdr.tp_status: the checksum is left to offload (only partly computed)
 TP_STATUS_CSUMNOTREADY = 0x8
 
