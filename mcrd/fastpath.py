@@ -69,11 +69,11 @@ def frame_unpacker(mac: int, net: int) -> Callable[[Any, int], tuple[int, ...]]:
     """unpack_from for a frame whose link header is at `mac` and IP header
     at `net`: tp_snaplen, tp_net, the virtio header's GSO type (0:
     one datagram, not an aggregate), then version/IHL, TOS, total length,
-    flags/fragment offset, protocol, source, destination, source port,
-    destination port, UDP length, the IP/UDP fields in native byte order
+    flags/fragment offset, protocol, destination, source port, destination
+    port, UDP length, the IP/UDP fields in native byte order
     (compare them with SWAPPED16 values)."""
     gso_at = mac - VNET_SIZE + 1
-    return struct.Struct(f"=8xI2xH{gso_at - 16}xB{net - gso_at - 1}xBBH2xHxB2xIIHHH").unpack_from
+    return struct.Struct(f"=8xI2xH{gso_at - 16}xB{net - gso_at - 1}xBBH2xHxB6xIHHH").unpack_from
 
 
 SOL_UDP = 17

@@ -155,7 +155,7 @@ def port_key(native_sport: int, native_frag: int) -> int:
 
 def key_port(key: int) -> tuple[int, bool]:
     """The source port and DF flag a `port_key` stands for."""
-    return fastpath.SWAPPED16[key >> 16], bool(key & 0xFFFF)
+    return fastpath.SWAPPED16[key >> 16], bool(key & DF_NATIVE)
 
 
 class Rule:

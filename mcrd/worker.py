@@ -164,9 +164,8 @@ class Worker:
         nowhere: list[int] = []
         add_addr = add_len = add_tos = add_key = nowhere.append  # rebound to the current rule's lists
         slow = self.slow_frame
-        df = DF_NATIVE
         for _ in range(count):
-            snap, fnet, gso, vihl, tos, total, frag, proto, _src, dst, sport, dport, ulen = unpack(m, pos)
+            snap, fnet, gso, vihl, tos, total, frag, proto, dst, sport, dport, ulen = unpack(m, pos)
             size = snap - link
             if (
                 fnet == net  # the same link header as the first frame of the batch
@@ -189,7 +188,7 @@ class Worker:
                     add_addr(payload_at + pos)
                     add_len(size - 28)
                     add_tos(tos)
-                    add_key(sport << 16 | frag & df)  # relaying.port_key, inline
+                    add_key(sport << 16 | frag)  # relaying.port_key: frag holds DF alone here
                     pos += step
                     continue
             slow(ring, pos, touched)

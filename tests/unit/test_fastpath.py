@@ -7,6 +7,7 @@ import struct
 
 from mcrd.fastpath import BATCH, FRAME, GSO_MAX_BYTES, GSO_MAX_SEGMENTS, Ring, Sender
 from mcrd.netio import RingSpec
+from mcrd.relaying import key_port, port_key
 
 
 def plan(lens: list[int], limit: int = GSO_MAX_BYTES) -> list[tuple[int, int, int]]:
@@ -105,3 +106,12 @@ def test_frames_are_sized_to_the_mtu_and_lie_back_to_back() -> None:
         assert block % mmap.PAGESIZE == 0 and block % frame == 0
         assert blocks * block == frames * frame == spec.size
     assert RingSpec.of_size(32).frame_count == 16384
+
+
+def test_a_port_key_gives_back_the_port_and_the_df_flag() -> None:
+    for port, frag in ((4444, 0x4000), (5353, 0), (1, 0x8000 | 0x4000), (65535, 0x8000)):
+        native_port = struct.unpack("=H", struct.pack("!H", port))[0]
+        native_frag = struct.unpack("=H", struct.pack("!H", frag))[0]
+        # the fast path's key: the flags field whole (no offset, no MF there)
+        assert key_port(native_port << 16 | native_frag) == (port, bool(frag & 0x4000))
+        assert key_port(port_key(native_port, native_frag)) == (port, bool(frag & 0x4000))
