@@ -51,12 +51,12 @@ class RingSpec:
 
     Each frame holds one received frame and the kernel's header before it, so
     `for_mtu` sizes frames to the input interface's MTU: 2 KiB up to an MTU of
-    about 1,900, 16 KiB at most (a 9,000-byte jumbo MTU fits). The default 32
-    MiB are 16,384 frames of 2 KiB: about 50 ms of a 300,000 datagrams/s
+    about 1,900, 16 KiB at most (a 9,000-byte jumbo MTU fits). The default 64
+    MiB are 32,768 frames of 2 KiB: about 100 ms of a 300,000 datagrams/s
     stream should the worker stall.
     """
 
-    size: int = 32 << 20
+    size: int = 64 << 20
     frame_size: int = 2048
     #: microseconds the worker keeps polling the ring after the last frame
     #: before it sleeps in poll(2) (0: at once); see `[daemon] busy_poll`

@@ -97,7 +97,7 @@ class DaemonOptions(BaseModel):
         'or "off" for user space only; a rule\'s own offload wins',
     )
     ring_size: Annotated[int, Setting(metavar="MIB")] = Field(
-        32, ge=4, le=1024, description="MiB of receive ring per worker (TPACKET_V2), 4 to 1024"
+        64, ge=4, le=1024, description="MiB of receive ring per worker (TPACKET_V2), 4 to 1024"
     )
     busy_poll: Annotated[int, Setting(metavar="MICROSECONDS")] = Field(
         0,

@@ -162,17 +162,17 @@ def test_restart_only_settings_are_reported_not_claimed(tmp_path: Path, root_lev
     async def scenario() -> None:
         service, systemd = _service(path, FakeSupervisor())
         task = asyncio.create_task(service.reloader.run())
-        path.write_text('[daemon]\nworkers = 4\nring_size = 64\nlog_level = "error"\n' + A)
+        path.write_text('[daemon]\nworkers = 4\nring_size = 128\nlog_level = "error"\n' + A)
         outcome = await service.reloader.request("test")
         assert outcome.result == "applied"
         assert outcome.settings == ["log_level"] and outcome.restart_needed == ["workers", "ring_size"]
         assert outcome.describe() == "applied: settings log_level; restart needed for: workers, ring_size"
         assert outcome.as_dict()["restart_needed"] == ["workers", "ring_size"]
         assert logging.getLogger().level == logging.ERROR
-        assert (service.settings.workers, service.settings.ring_size) == ("auto", 32)
+        assert (service.settings.workers, service.settings.ring_size) == ("auto", 64)
         assert systemd.statuses[-1] == "1 rule(s) active, 0 pending; restart needed for: workers, ring_size"
         # a rule change later: the restart is still owed, and still said
-        path.write_text('[daemon]\nworkers = 4\nring_size = 64\nlog_level = "error"\n' + A + B)
+        path.write_text('[daemon]\nworkers = 4\nring_size = 128\nlog_level = "error"\n' + A + B)
         later = await service.reloader.request("test")
         assert later.describe() == "applied: added b; restart needed for: workers, ring_size"
         status = await Commands(service).status({})

@@ -145,7 +145,7 @@ def _settings(**values: object) -> DaemonSettings:
         (
             {},
             {},
-            {"workers": 4, "ring_size": 64},
+            {"workers": 4, "ring_size": 128},
             SettingsChange((), ("workers", "ring_size"), ("workers", "ring_size")),
         ),
         # changed in an earlier reload: still waiting for a restart, but not changed now
