@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any
 
 TP_STATUS_KERNEL = 0
-TP_STATUS_USER = 1
 
 #: struct tpacket2_hdr: tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec
 FRAME = struct.Struct("=IIIHHII")
